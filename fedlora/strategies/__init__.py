@@ -1,0 +1,10 @@
+"""Aggregation rules for federated LoRA (see base.py for the shared conventions)."""
+from .base import AggregationResult, Strategy
+from .fedavg import FedAvg
+from .ffalora import FFALoRA
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_norm
+
+__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FlexLoRA", "HetLoRA", "Strategy",
+           "rank_self_pruning_penalty", "self_pruned_rank", "tail_norm"]

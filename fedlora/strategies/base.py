@@ -1,0 +1,319 @@
+"""The shared skeleton of an aggregation rule.
+
+Conventions every strategy follows:
+
+* A client's contribution to module m is its product  s_k B_k A_k  with its own
+  LoRA scaling s_k = alpha_k / r_k (alpha_k / sqrt(r_k) with rsLoRA). Strategies
+  fold s_k into the products, so the global state is scale-free: its factors
+  multiply to the global weight update with scaling 1.
+* ``distribute(rank, alpha=a)`` returns factors (A, B, a) with
+  lora_scaling(a, rank) * B @ A equal to the product the strategy intends that
+  client to start from; B is divided by the client's scaling to make that so.
+* p_k = n_k / sum_j n_j over the round's accepted updates unless a strategy
+  says otherwise.
+
+A new rule subclasses :class:`Strategy`, keeps its tensors in ``self._tensors``
+(saved and loaded for it) and implements ``_init_state``, ``_aggregate`` and
+``_distribute``; ``_rank_check``/``_check_update``/``_weights`` are optional.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+
+from fedlora.bank import lora_scaling
+from fedlora.federated.privacy import DPConfig, privatize
+from fedlora.federated.rng import lora_init_A, stable_seed
+from fedlora.federated.update import FORMAT_VERSION, ClientUpdate, atomic_write, read_blob
+from fedlora.federated.validation import validate_update
+
+log = logging.getLogger("fedlora.strategies")
+
+_STATE_KEY = "fedlora.state"
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+@dataclass
+class AggregationResult:
+    """What one call of :meth:`Strategy.aggregate` did."""
+
+    round: int  # index of the round just aggregated (the state's round before the call)
+    accepted: list[str]
+    rejected: dict[str, str]  # client id -> reason
+    changed: bool  # False when too few updates were valid: the previous state is kept
+    weights: dict[str, float] = field(default_factory=dict)  # client id -> p_k (data weights)
+
+
+class Strategy:
+    """Base class: validation, weighting, privacy, state (de)serialisation.
+
+    min_updates: a round with fewer valid updates keeps the previous state.
+    max_update_norm: reject updates whose weight-space norm sqrt(sum_m ||s B A||^2) is larger.
+    dp: client-level differential privacy (see fedlora.federated.privacy); None = off.
+    """
+
+    name = "strategy"
+    trainable: tuple[str, ...] = ("A", "B")  # which factors clients train (and DP noises)
+
+    def __init__(self, *, min_updates: int = 1, max_update_norm: float | None = None, dp: DPConfig | None = None,
+                 use_rslora: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        if min_updates < 1:
+            raise ValueError(f"min_updates must be >= 1, got {min_updates}")
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the global state is kept in float32 or float64, got {dtype}")
+        self.min_updates = min_updates
+        self.max_update_norm = max_update_norm
+        self.dp = dp
+        self.use_rslora = use_rslora
+        self.seed = seed
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.rank: int | None = None
+        self.alpha: float | None = None
+        self.round = 0
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ public
+    def init_global(self, module_shapes: Mapping[str, tuple[int, int]], rank: int | None = None,
+                    alpha: float | None = None) -> None:
+        """Start a fresh global state.
+
+        module_shapes: module name -> (d_out, d_in).
+        rank: the strategy's global rank (see each strategy for what it means).
+        alpha: the default alpha of distributed factors (None: alpha = the client's rank, scaling 1).
+        """
+        shapes = {}
+        for name, shape in module_shapes.items():
+            d_out, d_in = (int(v) for v in shape)
+            if d_out < 1 or d_in < 1:
+                raise ValueError(f"module {name!r} has shape {shape}; expected (d_out, d_in) >= 1")
+            shapes[str(name)] = (d_out, d_in)
+        if not shapes:
+            raise ValueError("module_shapes is empty")
+        if rank is not None and (int(rank) != rank or rank < 1):
+            raise ValueError(f"rank must be an int >= 1, got {rank}")
+        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        self.module_shapes = shapes
+        self.rank = None if rank is None else int(rank)
+        self.alpha = None if alpha is None else float(alpha)
+        self.round = 0
+        self._tensors = {}
+        self._init_state()
+
+    def distribute(self, rank: int, client_id: str | None = None, alpha: float | None = None) -> Factors:
+        """The starting factors of a client that can train at ``rank``: name -> (A [r, d_in], B [d_out, r], alpha).
+
+        r is ``rank`` except where a strategy serves another (FedAvg's bucket mode).
+        """
+        self._require_init()
+        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank}")
+        rank = self._served_rank(int(rank))
+        alpha = self._default_alpha(rank) if alpha is None else float(alpha)
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        factors = self._distribute(rank, alpha, client_id)
+        return {name: (a, b, alpha) for name, (a, b) in factors.items()}
+
+    def aggregate(self, updates: Iterable[ClientUpdate]) -> AggregationResult:
+        """Validate ``updates``, aggregate the valid ones into the global state."""
+        self._require_init()
+        accepted: list[ClientUpdate] = []
+        rejected: dict[str, str] = {}
+        for upd in updates:
+            cid = str(getattr(upd, "client_id", f"<{type(upd).__name__}>"))
+            if any(u.client_id == cid for u in accepted):
+                reason = "duplicate client id in this round"
+            else:
+                reason = validate_update(upd, self.module_shapes, rank_check=self._rank_check,
+                                         max_norm=self.max_update_norm) or self._check_update(upd)
+            if reason is None:
+                accepted.append(upd)
+            else:
+                log.warning("%s round %d: rejected update from %s: %s", self.name, self.round, cid, reason)
+                rejected[cid] = reason
+        round_idx = self.round
+        ids = [u.client_id for u in accepted]
+        if len(accepted) < self.min_updates:
+            log.warning("%s round %d: %d valid update(s) < min_updates=%d; keeping the previous state",
+                        self.name, round_idx, len(accepted), self.min_updates)
+            return AggregationResult(round_idx, ids, rejected, changed=False)
+        if self.dp is not None:
+            accepted = [self._privatize(u) for u in accepted]
+        accepted = [self._to_state(u) for u in accepted]
+        data_weights = self._data_weights(accepted)
+        self._aggregate(accepted, data_weights)
+        self.round += 1
+        return AggregationResult(round_idx, ids, rejected, changed=True,
+                                 weights={u.client_id: float(w) for u, w in zip(accepted, data_weights)})
+
+    # ----------------------------------------------------------- state on disk
+    def state_dict(self) -> dict:
+        """{"meta": JSON-able dict, "tensors": name -> tensor}; tensors are copies."""
+        self._require_init()
+        meta = {
+            "version": FORMAT_VERSION, "strategy": self.name, "round": self.round, "rank": self.rank,
+            "alpha": self.alpha, "seed": self.seed, "use_rslora": self.use_rslora,
+            "module_shapes": {n: list(s) for n, s in self.module_shapes.items()},
+            "extra": self._extra_meta(),
+        }
+        return {"meta": meta, "tensors": {k: v.detach().clone() for k, v in self._tensors.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        meta, tensors = state["meta"], state["tensors"]
+        if meta.get("strategy") != self.name:
+            raise ValueError(f"state was saved by strategy {meta.get('strategy')!r}, this is {self.name!r}")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"state has format version {meta.get('version')!r}, expected {FORMAT_VERSION}")
+        self.module_shapes = {n: (int(s[0]), int(s[1])) for n, s in meta["module_shapes"].items()}
+        self.round = int(meta["round"])
+        self.rank = None if meta["rank"] is None else int(meta["rank"])
+        self.alpha = None if meta["alpha"] is None else float(meta["alpha"])
+        self.seed = int(meta["seed"])
+        self.use_rslora = bool(meta["use_rslora"])
+        self._tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        self._load_extra_meta(meta.get("extra", {}))
+
+    def to_bytes(self) -> bytes:
+        state = self.state_dict()
+        tensors = {k: v.cpu().contiguous() for k, v in state["tensors"].items()}
+        return st_save(tensors, metadata={_STATE_KEY: json.dumps(state["meta"])})
+
+    def load_bytes(self, data: bytes) -> None:
+        meta, tensors = read_blob(data, _STATE_KEY)
+        self.load_state_dict({"meta": meta, "tensors": tensors})
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write(path, self.to_bytes())
+
+    def load(self, path: str | os.PathLike) -> None:
+        self.load_bytes(Path(path).read_bytes())
+
+    # --------------------------------------------------------- subclass hooks
+    def _init_state(self) -> None:
+        raise NotImplementedError
+
+    def _aggregate(self, updates: Sequence[ClientUpdate], weights: torch.Tensor) -> None:
+        """Fold valid, state-dtype updates into ``self._tensors``; weights are p_k (sum 1, float64)."""
+        raise NotImplementedError
+
+    def _distribute(self, rank: int, alpha: float, client_id: str | None) -> dict[str, tuple]:
+        raise NotImplementedError
+
+    def _served_rank(self, rank: int) -> int:
+        """The rank a client asking for ``rank`` actually trains at (raise if none)."""
+        return rank
+
+    def _rank_check(self, rank: int) -> str | None:
+        return None
+
+    def _check_update(self, update: ClientUpdate) -> str | None:
+        return None
+
+    def _extra_meta(self) -> dict:
+        return {}
+
+    def _load_extra_meta(self, extra: Mapping) -> None:
+        pass
+
+    # ---------------------------------------------------------------- helpers
+    def _require_init(self) -> None:
+        if not self.module_shapes:
+            raise RuntimeError(f"{self.name}: call init_global(...) or load(...) first")
+
+    def _default_alpha(self, rank: int) -> float:
+        return float(rank) if self.alpha is None else self.alpha
+
+    def _scaling(self, alpha: float, rank: int) -> float:
+        return lora_scaling(alpha, rank, self.use_rslora)
+
+    def _data_weights(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
+        n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+        return n / n.sum()
+
+    def _to_state(self, u: ClientUpdate) -> ClientUpdate:
+        mods = {n: (a.to(self.device, self.dtype), b.to(self.device, self.dtype), float(al))
+                for n, (a, b, al) in u.modules.items()}
+        return ClientUpdate(u.client_id, u.num_examples, u.rank, mods, u.use_rslora, dict(u.metrics))
+
+    def _privatize(self, u: ClientUpdate) -> ClientUpdate:
+        # The public reference is what this strategy handed the client this round;
+        # modules may carry different alphas, so fetch it once per alpha.
+        reference = {}
+        for alpha in {float(m[2]) for m in u.modules.values()}:
+            start = self.distribute(u.rank, u.client_id, alpha)
+            reference.update({n: start[n][:2] for n, m in u.modules.items() if float(m[2]) == alpha})
+        return privatize(u, reference, self.dp, round_idx=self.round, trainable=self.trainable)
+
+    def _fresh_A(self, name: str, rank: int, *tag) -> torch.Tensor:
+        """Seeded PEFT-style lora_A for ``name``; the same for every party given the same tag."""
+        d_in = self.module_shapes[name][1]
+        return lora_init_A(rank, d_in, stable_seed(self.seed, self.name, name, *tag), self.dtype, self.device)
+
+    def _zeros_B(self, name: str, rank: int) -> torch.Tensor:
+        return torch.zeros(self.module_shapes[name][0], rank, dtype=self.dtype, device=self.device)
+
+    def _groups(self) -> dict[tuple[int, int], list[str]]:
+        """Module names grouped by shape, so batched ops can take a whole group per call."""
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name, shape in self.module_shapes.items():
+            groups.setdefault(shape, []).append(name)
+        return groups
+
+
+class TruncatedFactors(Strategy):
+    """Global factors (A_g [R, d_in], B_g [d_out, R]) per module with product B_g A_g
+    (scale-free); a rank-r client starts from A_g[:r] and B_g[:, :r]. R is
+    ``init_global(rank=R)``; A_g starts seeded, B_g at zero (PEFT's init)."""
+
+    def _init_state(self) -> None:
+        if self.rank is None:
+            raise ValueError(f"{type(self).__name__}.init_global needs rank= (the global rank R)")
+        for name in self.module_shapes:
+            self._tensors[f"{name}.A"] = self._fresh_A(name, self.rank, "init")
+            self._tensors[f"{name}.B"] = self._zeros_B(name, self.rank)
+
+    def _rank_check(self, rank: int) -> str | None:
+        return None if rank <= self.rank else f"rank {rank} exceeds the global rank {self.rank}"
+
+    def _served_rank(self, rank: int) -> int:
+        if rank > self.rank:
+            raise ValueError(f"{type(self).__name__}'s global rank is {self.rank}; a client cannot train at rank {rank}")
+        return rank
+
+    def _distribute(self, rank, alpha, client_id):
+        s = self._scaling(alpha, rank)
+        return {n: (self._tensors[f"{n}.A"][:rank].clone(), self._tensors[f"{n}.B"][:, :rank] / s)
+                for n in self.module_shapes}
+
+
+def padded_factor_average(updates: Sequence[ClientUpdate], name: str, weights: Sequence[float], rank: int,
+                          *, with_A: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(sum_k w_k pad(A_k), sum_k w_k s_k pad(B_k)) for module ``name``, padded with zeros to ``rank``.
+
+    Zero-padding A_k [r_k, d_in] to [rank, d_in] and B_k to [d_out, rank] and then
+    summing is the same as adding each client into the leading r_k rows/columns.
+    """
+    a0, b0, _ = updates[0].modules[name]
+    A = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device) if with_A else None
+    B = torch.zeros(b0.shape[0], rank, dtype=b0.dtype, device=b0.device)
+    for u, w in zip(updates, weights):
+        a, b, _ = u.modules[name]
+        r = u.rank
+        if with_A:
+            A[:r].add_(a, alpha=float(w))
+        B[:, :r].add_(b, alpha=float(w) * u.scaling(name))
+    return A, B

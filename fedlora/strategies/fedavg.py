@@ -1,0 +1,41 @@
+"""FedAvg over LoRA factors, as in FedIT (Zhang et al., "Towards Building the Federated GPT:
+Federated Instruction Tuning", ICASSP 2024, arXiv 2305.05644).
+
+    A_g = sum_k p_k A_k,    B_g = sum_k p_k s_k B_k      (p_k = n_k / sum_j n_j)
+
+A and B are averaged separately, so the global product B_g A_g is *not* the
+average of the clients' products (the known inexactness FLoRA and FlexLoRA fix).
+All clients must train at one rank R. With heterogeneous ranks the strategy
+refuses other ranks, or, with ``heterogeneous="bucket"``, runs the "bucket
+effect" baseline: every client trains at the smallest rank R (pass it to
+``init_global``) whatever rank it could afford.
+"""
+from __future__ import annotations
+
+from .base import TruncatedFactors, padded_factor_average
+
+
+class FedAvg(TruncatedFactors):
+    name = "fedavg"
+
+    def __init__(self, *, heterogeneous: str = "refuse", **kwargs):
+        if heterogeneous not in ("refuse", "bucket"):
+            raise ValueError(f"heterogeneous must be 'refuse' or 'bucket', got {heterogeneous!r}")
+        super().__init__(**kwargs)
+        self.heterogeneous = heterogeneous
+
+    def _rank_check(self, rank: int) -> str | None:
+        if rank != self.rank:
+            return f"rank {rank} differs from the global rank {self.rank}; FedAvg averages factors of one rank"
+        return None
+
+    def _served_rank(self, rank: int) -> int:
+        if rank == self.rank or (self.heterogeneous == "bucket" and rank > self.rank):
+            return self.rank  # bucket: a client that could afford more still trains at the smallest rank
+        hint = "" if self.heterogeneous == "bucket" else "; use heterogeneous='bucket' to train everyone at it"
+        raise ValueError(f"FedAvg's global rank is {self.rank}, a client cannot start at rank {rank}{hint}")
+
+    def _aggregate(self, updates, weights):
+        for name in self.module_shapes:
+            A, B = padded_factor_average(updates, name, weights.tolist(), self.rank)
+            self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B

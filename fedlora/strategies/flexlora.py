@@ -1,0 +1,109 @@
+"""FlexLoRA (Bai et al., "Federated Fine-tuning of Large Language Models under
+Heterogeneous Tasks and Client Resources", NeurIPS 2024, arXiv 2402.11505).
+
+Per module the server forms the weighted sum of the clients' full-size updates
+and hands every client the best approximation of it at the client's own rank:
+
+    dW = sum_k p_k s_k B_k A_k                    (p_k = n_k / sum_j n_j)
+    dW ~ U S V^T  (top-K SVD),  client k gets  s_k B A = U_r S_r V_r^T,  r = r_k
+
+Computed with fedlora's ops: the clients' factors are packed into an
+AdapterBank and ``lowrank_svd`` factorises dW without forming it while the
+total rank is below the layer's size (QR of the packed factors + a small SVD).
+
+State: per module the top-K singular triplets (U [d_out, K], S [K], V [d_in, K]),
+K = ``max_rank`` if given, else the largest rank of the round's accepted
+clients (never more than the total rank or min(d_out, d_in)). Every client of
+that round gets its exact best rank-r_k approximation from it, and a 7B-shaped
+model keeps K (d_out + d_in + 1) numbers per module instead of d_out d_in.
+``global_delta(name)`` materialises U S V^T when asked.
+
+Split of the singular values (``sv_split``):
+    "sqrt" (default)  A = sqrt(S_r) V_r^T / sqrt(s),  B = U_r sqrt(S_r) / sqrt(s)
+                      balanced factors, ||A|| = ||B||, the usual choice for training on.
+    "B"               A = V_r^T,  B = U_r S_r / s  (what FlexLoRA's public code does).
+A client asking for more rank than K gets the K triplets plus rows of a fresh
+seeded lora_A and zero columns of B, so its product is still U_K S_K V_K^T.
+SVD method (``svd_method``): "exact" (default) is lowrank_svd's "factored" while
+the round's total rank is below min(d_out, d_in) and "dense" otherwise, so the
+client factors are the best approximation to fp32 rounding; "auto" or
+"randomized" trade that for speed (a seeded randomized SVD when R is large).
+Before the first aggregation dW = 0 and clients get fresh LoRA (seeded A, B = 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from fedlora import ops
+from fedlora.bank import AdapterBank
+
+from .base import Strategy
+
+_SVD_METHODS = ("exact", "auto", "factored", "randomized", "dense")  # the last four: lowrank_svd's
+
+
+class FlexLoRA(Strategy):
+    name = "flexlora"
+
+    def __init__(self, *, max_rank: int | None = None, sv_split: str = "sqrt", svd_method: str = "exact",
+                 **kwargs):
+        if sv_split not in ("sqrt", "B"):
+            raise ValueError(f"sv_split must be 'sqrt' or 'B', got {sv_split!r}")
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        if svd_method not in _SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {_SVD_METHODS}, got {svd_method!r}")
+        super().__init__(**kwargs)
+        self.max_rank = max_rank
+        self.sv_split = sv_split
+        self.svd_method = svd_method
+
+    def _init_state(self) -> None:
+        for name, (d_out, d_in) in self.module_shapes.items():
+            self._set(name, torch.zeros(d_out, 0, dtype=self.dtype, device=self.device),
+                      torch.zeros(0, dtype=self.dtype, device=self.device),
+                      torch.zeros(d_in, 0, dtype=self.dtype, device=self.device))
+
+    def _set(self, name, U, S, V) -> None:
+        self._tensors[f"{name}.U"], self._tensors[f"{name}.S"], self._tensors[f"{name}.V"] = U, S, V
+
+    def global_delta(self, name: str) -> torch.Tensor:
+        """The global update U S V^T of module ``name`` as a dense [d_out, d_in] matrix."""
+        self._require_init()
+        U, S, V = (self._tensors[f"{name}.{k}"] for k in "USV")
+        return (U * S) @ V.T
+
+    def _aggregate(self, updates, weights):
+        keep = self.max_rank or max(u.rank for u in updates)
+        total = sum(u.rank for u in updates)
+        for (d_out, d_in), names in self._groups().items():
+            k = min(keep, total, d_out, d_in)
+            banks = [AdapterBank.from_factors([u.modules[n][:2] for u in updates],
+                                              scalings=[u.scaling(n) for u in updates]) for n in names]
+            method = self.svd_method
+            if method == "exact":
+                method = "factored" if total < min(d_out, d_in) else "dense"
+            U, S, V = ops.lowrank_svd(banks, weights=weights.tolist(), rank=k, method=method)
+            for i, name in enumerate(names):
+                self._set(name, U[i].to(self.dtype).contiguous(), S[i].to(self.dtype).contiguous(),
+                          V[i].to(self.dtype).contiguous())
+
+    def _distribute(self, rank, alpha, client_id):
+        s = self._scaling(alpha, rank)
+        out = {}
+        for name in self.module_shapes:
+            U, S, V = (self._tensors[f"{name}.{key}"] for key in "USV")
+            k = min(rank, S.shape[0])
+            Ur, Sr, Vr = U[:, :k], S[:k], V[:, :k]
+            if self.sv_split == "sqrt":
+                root = Sr.sqrt()
+                A = (Vr * root).T / s**0.5
+                B = Ur * root / s**0.5
+            else:
+                A = Vr.T.clone()
+                B = Ur * Sr / s
+            if k < rank:  # more rank than the global keeps: fresh, product-neutral directions
+                A = torch.cat([A, self._fresh_A(name, rank, "pad", self.round, client_id)[k:]], dim=0)
+                B = torch.cat([B, self._zeros_B(name, rank - k)], dim=1)
+            out[name] = (A.contiguous(), B.contiguous())
+        return out

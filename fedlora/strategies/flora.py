@@ -1,0 +1,103 @@
+"""FLoRA (Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with
+Heterogeneous Low-Rank Adaptations", NeurIPS 2024, arXiv 2409.05976).
+
+Stacking: the round's global update is exactly
+
+    dW_t = sum_k p_k s_k B_k A_k = [p_1 s_1 B_1 | ... | p_n s_n B_n] [A_1; ...; A_n]
+
+(the stacked factors; any mix of ranks, no noise from cross terms). dW_t is
+folded into the global model, and clients start the next round from fresh
+LoRA (seeded A, B = 0) on top of base + sum_t dW_t.
+
+State per module (full precision, kept *beside* the base weight so a 4-bit
+base is never re-quantized): the accumulated delta  D = dense + B_stack A_stack.
+New rounds append their stacked factors; once the stack holds more numbers
+than a dense [d_out, d_in] matrix (R_stack (d_out + d_in) > d_out d_in) it is
+added into ``dense`` (one lora_delta call) and emptied, so memory stays at
+most about twice a dense delta while early rounds stay small. The last
+round's stacked factors are kept too (``round_factors``): that is what the
+paper broadcasts, for clients that add it to their own copy of the model.
+
+``merged_delta(name)`` / ``base_deltas()`` give D; fold it beside the base
+with :func:`fedlora.federated.fold.fold_deltas`.
+"""
+from __future__ import annotations
+
+import torch
+
+from fedlora import ops
+from fedlora.bank import AdapterBank
+
+from .base import Strategy
+
+
+class FLoRA(Strategy):
+    name = "flora"
+
+    def _init_state(self) -> None:
+        for name, (d_out, d_in) in self.module_shapes.items():
+            for key, shape in (("dense", (d_out, d_in)), ("A", (0, d_in)), ("B", (d_out, 0)),
+                               ("round_A", (0, d_in)), ("round_B", (d_out, 0))):
+                self._tensors[f"{name}.{key}"] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _distribute(self, rank, alpha, client_id):
+        # Fresh LoRA each round; a client's A depends on (seed, round, client, module) only.
+        return {n: (self._fresh_A(n, rank, self.round, client_id), self._zeros_B(n, rank))
+                for n in self.module_shapes}
+
+    def _aggregate(self, updates, weights):
+        w = weights.tolist()
+        for name, (d_out, d_in) in self.module_shapes.items():
+            round_A = torch.cat([u.modules[name][0] for u in updates], dim=0)
+            round_B = torch.cat([u.modules[name][1] * (wk * u.scaling(name)) for u, wk in zip(updates, w)], dim=1)
+            self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"] = round_A, round_B
+            A = torch.cat([self._tensors[f"{name}.A"], round_A], dim=0)
+            B = torch.cat([self._tensors[f"{name}.B"], round_B], dim=1)
+            if A.shape[0] * (d_out + d_in) > d_out * d_in:
+                self._tensors[f"{name}.dense"] = self._tensors[f"{name}.dense"] + _product(A, B)
+                A, B = A[:0], B[:, :0]
+            self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A.contiguous(), B.contiguous()
+
+    def round_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round."""
+        self._require_init()
+        return self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"]
+
+    def merged_delta(self, name: str) -> torch.Tensor:
+        """Sum of every round's global update for ``name``, dense [d_out, d_in], full precision."""
+        self._require_init()
+        return self.base_deltas([name])[name]
+
+    def base_deltas(self, names=None) -> dict[str, torch.Tensor]:
+        """merged_delta of ``names`` (default all), one batched lora_delta per shape group."""
+        self._require_init()
+        names = list(self.module_shapes) if names is None else list(names)
+        out = {}
+        for shape, group in self._groups().items():
+            group = [n for n in group if n in names]
+            stacked = [n for n in group if self._tensors[f"{n}.A"].shape[0] > 0]
+            # Modules of one shape share one stack size (each round adds the same clients).
+            if stacked and len({self._tensors[f"{n}.A"].shape[0] for n in stacked}) == 1:
+                deltas = _products([(self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in stacked])
+            else:
+                deltas = [_product(self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in stacked]
+            for n in group:
+                out[n] = self._tensors[f"{n}.dense"].clone()
+            for n, d in zip(stacked, deltas):
+                out[n] += d.to(self.dtype)
+        return out
+
+
+def _bank(A: torch.Tensor, B: torch.Tensor) -> AdapterBank:
+    # The stack as one adapter of rank R with scaling 1: B already carries p_k s_k.
+    return AdapterBank(A, B, [A.shape[0]], 1.0)
+
+
+def _product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    if A.shape[0] == 0:
+        return torch.zeros(B.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
+    return ops.lora_delta(_bank(A, B))
+
+
+def _products(pairs) -> list[torch.Tensor]:
+    return list(ops.lora_delta([_bank(A, B) for A, B in pairs]))

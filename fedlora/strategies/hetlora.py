@@ -1,0 +1,94 @@
+"""HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+Foundation Models", EMNLP 2024, arXiv 2401.06432).
+
+The global adapter has rank R (``init_global(rank=R)``, the largest client rank).
+A rank-r_k client starts from the first r_k rows of A_g and columns of B_g.
+Aggregation zero-pads every client to R and averages A and B separately with
+sparsity weights:
+
+    q_k = ||s_k B_k A_k||_F / sum_j ||s_j B_j A_j||_F          (per module)
+    A_g = sum_k q_k pad(A_k),     B_g = sum_k q_k s_k pad(B_k)
+
+``weighting="examples"`` uses p_k = n_k / sum n_j instead. If every product of a
+module is zero the sparsity weights are undefined and the data weights are used.
+
+Clients add :func:`rank_self_pruning_penalty` to their loss and may shrink their
+rank with :func:`self_pruned_rank` (the paper's rank self-pruning).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from fedlora.federated.update import product_norm
+
+from .base import TruncatedFactors, padded_factor_average
+
+
+class HetLoRA(TruncatedFactors):
+    name = "hetlora"
+
+    def __init__(self, *, weighting: str = "sparsity", **kwargs):
+        if weighting not in ("sparsity", "examples"):
+            raise ValueError(f"weighting must be 'sparsity' or 'examples', got {weighting!r}")
+        super().__init__(**kwargs)
+        self.weighting = weighting
+
+    def module_weights(self, updates, name: str, data_weights: torch.Tensor) -> torch.Tensor:
+        """The aggregation weights of module ``name`` (sum to 1, float64)."""
+        if self.weighting == "examples":
+            return data_weights
+        norms = torch.tensor([product_norm(u.modules[name][0], u.modules[name][1], u.scaling(name))
+                              for u in updates], dtype=torch.float64)
+        total = norms.sum().item()
+        return norms / total if total > 0 and math.isfinite(total) else data_weights
+
+    def _aggregate(self, updates, weights):
+        for name in self.module_shapes:
+            q = self.module_weights(updates, name, weights)
+            A, B = padded_factor_average(updates, name, q.tolist(), self.rank)
+            self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B
+
+
+def _tail_start(rank: int, gamma: float) -> int:
+    if not 0 < gamma < 1:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+    return max(1, min(rank - 1, int(math.floor(gamma * rank))))
+
+
+def rank_self_pruning_penalty(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                              gamma: float = 0.99, lam: float = 1e-3) -> torch.Tensor:
+    """HetLoRA's local regulariser  lam * sum_m ||B_m[:, t:r] A_m[t:r, :]||_F,  t = floor(gamma * r).
+
+    It pushes the highest ranks of each module towards zero so that
+    :func:`self_pruned_rank` can drop them. Differentiable; the Frobenius norm is
+    taken through the r x r Gram matrices, never the d_out x d_in product.
+    factors: module -> (A [r, d_in], B [d_out, r]) (extra items such as alpha are ignored).
+    """
+    if rank < 2:
+        raise ValueError("rank self-pruning needs rank >= 2")
+    t = _tail_start(rank, gamma)
+    total = None
+    for entry in factors.values():
+        a, b = entry[0][t:rank], entry[1][:, t:rank]
+        sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
+        # sqrt has an infinite derivative at 0: a zero tail (B initialised to 0) contributes 0 gradient
+        term = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq)
+        total = term if total is None else total + term
+    return lam * total
+
+
+def tail_norm(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int, gamma: float = 0.99) -> float:
+    """sum_m ||B_m[:, t:r] A_m[t:r, :]||_F (no lam, no gradient): the quantity pruning compares."""
+    t = _tail_start(rank, gamma)
+    return sum(product_norm(e[0][t:rank], e[1][:, t:rank]) for e in factors.values())
+
+
+def self_pruned_rank(rank: int, gamma: float, tail: float, previous_tail: float | None) -> int:
+    """HetLoRA's rank self-pruning: shrink to floor(gamma * r) when the regularised tail
+    norm fell below the previous round's, else keep r (and never go below 1)."""
+    if previous_tail is not None and tail < previous_tail and rank > 1:
+        return _tail_start(rank, gamma)
+    return rank
