@@ -33,6 +33,7 @@ class Row:
     variant: str
     role: str
     time: float  # seconds, the chosen statistic
+    min: float  # shown beside it: on a busy machine the minimum is the steadier figure
     iqr: float
     rounds: int
     speedup: float | None = None
@@ -74,7 +75,7 @@ def summarize(data: dict, baseline_variant: str | None = None, floor_variant: st
         stats = bench["stats"]
         extra = bench.get("extra_info") or {}
         group = groups.setdefault(name, Group(name))
-        row = Row(variant_of(bench), str(extra.get("role", "")), float(stats[stat]),
+        row = Row(variant_of(bench), str(extra.get("role", "")), float(stats[stat]), float(stats["min"]),
                   float(stats.get("iqr", math.nan)), int(stats.get("rounds", 0)))
         if any(r.variant == row.variant for r in group.rows):
             raise ValueError(f"group {name!r} has two benchmarks named variant {row.variant!r}")
@@ -117,7 +118,9 @@ def _provenance(data: dict, source: str) -> list[str]:
         lines.append(f"- command: `{bench_info['command']}`")
     device = bench_info.get("device_name") or machine.get("cpu", {}).get("brand_raw") or machine.get("machine")
     if device:
-        lines.append(f"- device: {device} ({bench_info.get('device', 'unknown')})")
+        threads = bench_info.get("torch_num_threads")
+        extra = f", {threads} torch threads" if threads and bench_info.get("device") == "cpu" else ""
+        lines.append(f"- device: {device} ({bench_info.get('device', 'unknown')}{extra})")
     versions = [f"{k} {bench_info[k]}" for k in ("torch", "triton", "fedlora", "cuda") if bench_info.get(k)]
     if versions:
         lines.append(f"- versions: {', '.join(versions)}")
@@ -139,12 +142,12 @@ def to_markdown(groups: list[Group], data: dict, source: str, stat: str = "media
         if g.floor:
             roles.append(f"floor `{g.floor}`")
         out += [", ".join(roles), ""]
-        out.append(f"| variant | role | {stat} | IQR | rounds | speedup | x floor |")
-        out.append("|---|---|---:|---:|---:|---:|---:|")
+        out.append(f"| variant | role | {stat} | min | IQR | rounds | speedup | x floor |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|")
         for r in g.rows:
             iqr = "-" if math.isnan(r.iqr) else fmt_time(r.iqr)
             out.append(
-                f"| {r.variant} | {r.role or '-'} | {fmt_time(r.time)} | {iqr} | {r.rounds} "
+                f"| {r.variant} | {r.role or '-'} | {fmt_time(r.time)} | {fmt_time(r.min)} | {iqr} | {r.rounds} "
                 f"| {_ratio(r.speedup, 'x')} | {_ratio(r.of_floor)} |"
             )
         out.append("")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# columns of a group table: variant | role | <stat> | min | IQR | rounds | speedup | x floor
+TIME, MIN, SPEEDUP, FLOOR = 2, 3, 6, 7
 
 
 def _bench(group, variant, median, role=None, rounds=7):
@@ -81,29 +83,29 @@ def test_ratios_from_roles(report, results, tmp_path):
     t = _tables(out_md.read_text())
     g1 = t["g1"]
     # speedup = baseline / variant: loop 10 ms is the baseline
-    assert _num(g1["loop"][5]) == pytest.approx(1.0)
-    assert _num(g1["fast"][5]) == pytest.approx(5.0)
-    assert _num(g1["slow"][5]) == pytest.approx(0.25)
-    assert _num(g1["gemm"][5]) == pytest.approx(2.5)
+    assert _num(g1["loop"][SPEEDUP]) == pytest.approx(1.0)
+    assert _num(g1["fast"][SPEEDUP]) == pytest.approx(5.0)
+    assert _num(g1["slow"][SPEEDUP]) == pytest.approx(0.25)
+    assert _num(g1["gemm"][SPEEDUP]) == pytest.approx(2.5)
     # x floor = variant / floor (4 ms)
-    assert _num(g1["loop"][6]) == pytest.approx(2.5)
-    assert _num(g1["fast"][6]) == pytest.approx(0.5)
-    assert _num(g1["slow"][6]) == pytest.approx(10.0)
-    assert _num(g1["gemm"][6]) == pytest.approx(1.0)
-    assert g1["fast"][2] == "2.00 ms"
+    assert _num(g1["loop"][FLOOR]) == pytest.approx(2.5)
+    assert _num(g1["fast"][FLOOR]) == pytest.approx(0.5)
+    assert _num(g1["slow"][FLOOR]) == pytest.approx(10.0)
+    assert _num(g1["gemm"][FLOOR]) == pytest.approx(1.0)
+    assert g1["fast"][TIME] == "2.00 ms" and g1["fast"][MIN] == "1.80 ms"
     # g2 has no roles and no --baseline-variant: no ratios at all
-    assert [c[5] for c in t["g2"].values()] == ["-", "-"]
-    assert [c[6] for c in t["g2"].values()] == ["-", "-"]
+    assert [c[SPEEDUP] for c in t["g2"].values()] == ["-", "-"]
+    assert [c[FLOOR] for c in t["g2"].values()] == ["-", "-"]
 
 
 def test_baseline_variant_overrides_roles(report, results, tmp_path):
     out_md = tmp_path / "r.md"
     report.main([str(results), "--out-md", str(out_md), "--baseline-variant", "fast"])
     t = _tables(out_md.read_text())
-    assert _num(t["g1"]["loop"][5]) == pytest.approx(0.2)
-    assert _num(t["g1"]["slow"][5]) == pytest.approx(0.05)
-    assert _num(t["g2"]["loop"][5]) == pytest.approx(0.5)
-    assert t["g2"]["fast"][2] == "1.50 us"
+    assert _num(t["g1"]["loop"][SPEEDUP]) == pytest.approx(0.2)
+    assert _num(t["g1"]["slow"][SPEEDUP]) == pytest.approx(0.05)
+    assert _num(t["g2"]["loop"][SPEEDUP]) == pytest.approx(0.5)
+    assert t["g2"]["fast"][TIME] == "1.50 us"
 
 
 def test_stat_choice_and_summary_objects(report, results):
