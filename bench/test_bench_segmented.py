@@ -117,7 +117,7 @@ def make_case(T: int, n: int, d: int) -> Case:
         return (torch.randn(*shape, generator=gen) * std).to(DEVICE, DTYPE)
 
     cpu = AdapterBank.create(d, d, ranks, alphas=[LORA_ALPHA] * n, init="gaussian", generator=gen)
-    # Not bank.to(dtype): Module.to would round the fp32 scalings buffer to bf16 too.
+    # Factors drawn in fp32 on the CPU (same numbers on every device), then cast; scalings stay fp32.
     bank = AdapterBank(cpu.A.detach().to(DEVICE, DTYPE), cpu.B.detach().to(DEVICE, DTYPE), ranks, cpu.scalings)
     return Case(T, d, n, ranks, seg_lens, x=randn(T, d), dy=randn(T, d), W=randn(d, d, std=d**-0.5), bank=bank)
 
