@@ -119,6 +119,13 @@ class AdapterBank(nn.Module):
             raise ValueError(f"init must be 'peft' or 'gaussian', got {init!r}")
         return cls(A, B, ranks, scalings)
 
+    def _apply(self, fn, recurse=True):
+        # .to(float16) must not round the scalings: they stay fp32 and only follow the device.
+        scalings = self.scalings
+        super()._apply(fn, recurse)
+        self.scalings = scalings.to(self.scalings.device)
+        return self
+
     # --------------------------------------------------------------- structure
     @property
     def ranks(self) -> list[int]:
