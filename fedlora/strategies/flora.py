@@ -14,7 +14,8 @@ base is never re-quantized): the accumulated delta  D = dense + B_stack A_stack.
 New rounds append their stacked factors; once the stack holds more numbers
 than a dense [d_out, d_in] matrix (R_stack (d_out + d_in) > d_out d_in) it is
 added into ``dense`` (one lora_delta call) and emptied, so memory stays at
-most about twice a dense delta while early rounds stay small. The last
+most about twice a dense delta while early rounds stay small (``dense`` is
+not allocated until then). The last
 round's stacked factors are kept too (``round_factors``): that is what the
 paper broadcasts, for clients that add it to their own copy of the model.
 
@@ -36,7 +37,8 @@ class FLoRA(Strategy):
 
     def _init_state(self) -> None:
         for name, (d_out, d_in) in self.module_shapes.items():
-            for key, shape in (("dense", (d_out, d_in)), ("A", (0, d_in)), ("B", (d_out, 0)),
+            # `dense` stays empty (shape [0]) until a stack first outgrows it: no d_out x d_in zeros
+            for key, shape in (("dense", (0,)), ("A", (0, d_in)), ("B", (d_out, 0)),
                                ("round_A", (0, d_in)), ("round_B", (d_out, 0))):
                 self._tensors[f"{name}.{key}"] = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
@@ -47,6 +49,7 @@ class FLoRA(Strategy):
 
     def _aggregate(self, updates, weights):
         w = weights.tolist()
+        full = []  # stacks that outgrew a dense matrix: added into `dense`, batched per shape
         for name, (d_out, d_in) in self.module_shapes.items():
             round_A = torch.cat([u.modules[name][0] for u in updates], dim=0)
             round_B = torch.cat([u.modules[name][1] * (wk * u.scaling(name)) for u, wk in zip(updates, w)], dim=1)
@@ -54,9 +57,25 @@ class FLoRA(Strategy):
             A = torch.cat([self._tensors[f"{name}.A"], round_A], dim=0)
             B = torch.cat([self._tensors[f"{name}.B"], round_B], dim=1)
             if A.shape[0] * (d_out + d_in) > d_out * d_in:
-                self._tensors[f"{name}.dense"] = self._tensors[f"{name}.dense"] + _product(A, B)
-                A, B = A[:0], B[:, :0]
-            self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A.contiguous(), B.contiguous()
+                full.append(name)
+            self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B
+        for name, delta in self._stack_products(full).items():
+            self._tensors[f"{name}.dense"] = self._dense(name) + delta
+            self._tensors[f"{name}.A"] = self._tensors[f"{name}.A"][:0].contiguous()
+            self._tensors[f"{name}.B"] = self._tensors[f"{name}.B"][:, :0].contiguous()
+
+    def _stack_products(self, names) -> dict[str, torch.Tensor]:
+        """B_stack A_stack of each module in ``names`` with a non-empty stack, one lora_delta per shape."""
+        out = {}
+        for group in self._groups().values():
+            group = [n for n in group if n in names and self._tensors[f"{n}.A"].shape[0] > 0]
+            if not group:
+                continue
+            banks = [AdapterBank(self._tensors[f"{n}.A"], self._tensors[f"{n}.B"], [self._tensors[f"{n}.A"].shape[0]],
+                                 1.0) for n in group]  # one adapter of rank R, scaling 1: B carries p_k s_k
+            deltas = ops.lora_delta(banks)  # one launch per shape group
+            out.update({n: d.to(self.dtype) for n, d in zip(group, deltas)})
+        return out
 
     def round_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round."""
@@ -72,32 +91,12 @@ class FLoRA(Strategy):
         """merged_delta of ``names`` (default all), one batched lora_delta per shape group."""
         self._require_init()
         names = list(self.module_shapes) if names is None else list(names)
-        out = {}
-        for shape, group in self._groups().items():
-            group = [n for n in group if n in names]
-            stacked = [n for n in group if self._tensors[f"{n}.A"].shape[0] > 0]
-            # Modules of one shape share one stack size (each round adds the same clients).
-            if stacked and len({self._tensors[f"{n}.A"].shape[0] for n in stacked}) == 1:
-                deltas = _products([(self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in stacked])
-            else:
-                deltas = [_product(self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in stacked]
-            for n in group:
-                out[n] = self._tensors[f"{n}.dense"].clone()
-            for n, d in zip(stacked, deltas):
-                out[n] += d.to(self.dtype)
+        out = {n: self._dense(n).clone() for n in names}
+        for n, d in self._stack_products(names).items():
+            out[n] += d
         return out
 
-
-def _bank(A: torch.Tensor, B: torch.Tensor) -> AdapterBank:
-    # The stack as one adapter of rank R with scaling 1: B already carries p_k s_k.
-    return AdapterBank(A, B, [A.shape[0]], 1.0)
-
-
-def _product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    if A.shape[0] == 0:
-        return torch.zeros(B.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
-    return ops.lora_delta(_bank(A, B))
-
-
-def _products(pairs) -> list[torch.Tensor]:
-    return list(ops.lora_delta([_bank(A, B) for A, B in pairs]))
+    def _dense(self, name: str) -> torch.Tensor:
+        dense = self._tensors[f"{name}.dense"]
+        return dense if dense.dim() == 2 else torch.zeros(self.module_shapes[name], dtype=self.dtype,
+                                                           device=self.device)
