@@ -34,7 +34,7 @@ POEMS = frozenset({"sonnets", "lovers_complaint", "passionate_pilgrim",
 
 # Where the play proper starts (before it: title, dramatis personae, whose lines
 # look like speaker headings).
-_START = re.compile(r"^(ACT\b|Act\s|(THE\s+)?PROLOGUE\b|Prologue\b|INDUCTION\b|Induction\b|THE\s+PROLOGUE)")
+_START = re.compile(r"^(ACT\b|Act\s|(THE\s+)?PROLOGUE\b|Prologue\b|INDUCTION\b|Induction\b)")
 # Structural headings that end the current speech and are never speakers.
 _HEADING = re.compile(
     r"^(ACT|Act|SCENE|Scene|PROLOGUE|Prologue|EPILOGUE|Epilogue|INDUCTION|Induction|"
@@ -44,6 +44,8 @@ _HEADING = re.compile(
 _SPEAKER = re.compile(r"^(?=[A-Z0-9])[A-Za-z0-9'&\- ]+(?:\.[A-Za-z'\- ]+)*\.?\s*$")
 _BRACKETED = re.compile(r"\[[^\]]*\]")
 _MAX_SPEAKER_WORDS = 4
+# Lower-case words allowed inside a role name ("ANTIPHOLUS of SYRACUSE", "FIRST and SECOND LORDS").
+_LOWER_OK = frozenset({"of", "and", "de", "la", "le", "du", "the", "to"})
 
 
 def texts_dir() -> Path:
@@ -109,8 +111,6 @@ def _speaker(line: str, next_line: str) -> str | None:
         return None
     return " ".join(words)
 
-
-_LOWER_OK = frozenset({"of", "and", "de", "la", "le", "du", "the", "to"})
 
 
 def parse_play(text: str) -> dict[str, list[str]]:
