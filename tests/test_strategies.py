@@ -162,9 +162,8 @@ def test_flexlora_before_any_round_and_above_the_kept_rank():
        d_out=st.integers(10, 30), d_in=st.integers(10, 30), seed=st.integers(0, 10**6))
 def test_flexlora_property(ranks, r, d_out, d_in, seed):
     shapes = {"m": (d_out, d_in)}
-    s = _init(FlexLoRA(max_rank=9), shapes=shapes)
+    s = _init(FlexLoRA(max_rank=9, dtype=torch.float64), shapes=shapes)
     ups = updates_for(ranks, shapes, seed=seed, dtype=torch.float64)
-    s.dtype = torch.float64
     s.aggregate(ups)
     dW = weighted_delta64(ups, "m")
     S = torch.linalg.svdvals(dW)
@@ -390,6 +389,17 @@ def test_state_round_trips_bit_exactly_without_pickle(make, tmp_path, monkeypatc
         assert torch.equal(a, a2) and torch.equal(b, b2) and al == al2
     with pytest.raises(ValueError, match="saved by strategy"):
         (FedAvg() if not isinstance(s, FedAvg) else FLoRA()).load(tmp_path / "state.safetensors")
+
+
+def test_float64_state_loads_as_float64(tmp_path):
+    s = _init(HetLoRA(dtype=torch.float64), rank=4)
+    s.aggregate(updates_for([2, 4], dtype=torch.float64))
+    s.save(tmp_path / "s.safetensors")
+    t = HetLoRA()  # constructed for float32; the file says float64
+    t.load(tmp_path / "s.safetensors")
+    assert t.dtype == torch.float64 and all(torch.equal(v, t._tensors[k]) for k, v in s._tensors.items())
+    t.aggregate(updates_for([3], dtype=torch.float32))  # updates are cast to the state's dtype
+    assert t._tensors[f"{NAMES[0]}.A"].dtype == torch.float64
 
 
 def test_strategy_base_is_enough_for_a_new_rule():

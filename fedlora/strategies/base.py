@@ -167,6 +167,7 @@ class Strategy:
         meta = {
             "version": FORMAT_VERSION, "strategy": self.name, "round": self.round, "rank": self.rank,
             "alpha": self.alpha, "seed": self.seed, "use_rslora": self.use_rslora,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "module_shapes": {n: list(s) for n, s in self.module_shapes.items()},
             "extra": self._extra_meta(),
         }
@@ -184,6 +185,10 @@ class Strategy:
         self.alpha = None if meta["alpha"] is None else float(meta["alpha"])
         self.seed = int(meta["seed"])
         self.use_rslora = bool(meta["use_rslora"])
+        dtype = getattr(torch, str(meta.get("dtype")), None)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"state has dtype {meta.get('dtype')!r}; expected float32 or float64")
+        self.dtype = dtype
         self._tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self._load_extra_meta(meta.get("extra", {}))
 
