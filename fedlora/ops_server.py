@@ -1,0 +1,285 @@
+"""Server-side ops over packed adapter banks: fused reconstruction and truncated SVD.
+
+FlexLoRA's server step is  dW = sum_i w_i s_i B_i A_i  followed by a rank-k SVD,
+per module. On the packed bank dW = B diag(d) A with d_i = w_i s_i on adapter i's
+rank columns, so
+
+- :func:`lora_delta` forms dW as one GEMM over the packed rank axis (one Triton
+  launch for a whole list of banks), never the per-client products;
+- :func:`lowrank_svd` gets the top-k triplets from the factors themselves
+  (exact QR-based, or randomized), without the m x n matrix unless it must.
+
+Both are server-side (no autograd): inputs are read under ``torch.no_grad``.
+
+Weights (``weights=``), per adapter: None (all 1), a sequence of floats or a 1-D
+tensor of length num_adapters. For a list of banks: None, one such sequence applied
+to every bank (all banks then need the same num_adapters), or a list/tuple of per-bank
+sequences / a 2-D tensor [L, n] (one row per bank, so banks may differ in clients).
+Weights must be finite and >= 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedlora.kernels import lowrank as LR
+from fedlora.kernels.reconstruct import reconstruct
+
+from .bank import AdapterBank
+
+METHODS = ("auto", "factored", "randomized", "dense")
+
+
+# ----------------------------------------------------------------- validation
+def _as_bank_list(banks) -> tuple[list[AdapterBank], bool]:
+    """(list of banks, whether the caller passed a list)."""
+    if isinstance(banks, AdapterBank):
+        return [banks], False
+    if not isinstance(banks, (list, tuple)) or not banks:
+        raise ValueError(f"bank must be a fedlora.AdapterBank or a non-empty list of them, got {type(banks).__name__}")
+    for i, b in enumerate(banks):
+        if not isinstance(b, AdapterBank):
+            raise ValueError(f"banks[{i}] is a {type(b).__name__}, not a fedlora.AdapterBank")
+    first = banks[0]
+    for i, b in enumerate(banks[1:], 1):
+        if (b.d_out, b.d_in) != (first.d_out, first.d_in):
+            raise ValueError(
+                f"banks[{i}] is a {b.d_out}x{b.d_in} layer but banks[0] is {first.d_out}x{first.d_in}: "
+                "one batched call takes banks of one layer shape"
+            )
+        if b.dtype != first.dtype:
+            raise ValueError(f"banks[{i}] is {b.dtype} but banks[0] is {first.dtype}")
+        if b.device != first.device:
+            raise ValueError(f"banks[{i}] is on {b.device} but banks[0] is on {first.device}")
+    return list(banks), True
+
+
+def _weight_vector(values, n: int, name: str) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
+        values = values.tolist()
+    try:
+        values = [float(v) for v in values]
+    except TypeError as exc:
+        raise ValueError(f"{name} must be a sequence of floats or a 1-D tensor") from exc
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but the bank has {n} adapters")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {values}")
+    if any(v < 0 for v in values):
+        raise ValueError(f"{name} must be >= 0, got {values}")
+    return values
+
+
+def _per_bank_weights(weights, banks: list[AdapterBank], batched: bool) -> list[list[float]]:
+    if weights is None:
+        return [[1.0] * b.num_adapters for b in banks]
+    per_bank = batched and (
+        (isinstance(weights, torch.Tensor) and weights.dim() == 2)
+        or (isinstance(weights, (list, tuple)) and len(weights) > 0
+            and all(isinstance(w, (list, tuple, torch.Tensor)) for w in weights))
+    )
+    if per_bank:
+        if len(weights) != len(banks):
+            raise ValueError(f"weights has {len(weights)} per-bank rows but {len(banks)} banks were given")
+        return [_weight_vector(w, b.num_adapters, f"weights[{i}]") for i, (w, b) in enumerate(zip(weights, banks))]
+    return [_weight_vector(weights, b.num_adapters, "weights") for b in banks]
+
+
+def _check_finite(banks: list[AdapterBank]) -> None:
+    for i, b in enumerate(banks):
+        for name, t in (("A", b.A), ("B", b.B), ("scalings", b.scalings)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"bank {i}: {name} holds NaN or Inf")
+
+
+def _check_rank(rank, m: int, n: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an int, got {rank!r}")
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in 1..min(d_out, d_in) = 1..{min(m, n)}, got {rank}")
+    return rank
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------- pieces
+def _packed(banks: list[AdapterBank], weights: list[list[float]]):
+    """(B_cat [m, R_tot], A_cat [R_tot, n], col_scale [R_tot], per-bank R); col_scale is fp32 (fp64 banks: fp64)."""
+    work = LR.work_dtype(banks[0].dtype)
+    scales = []
+    for b, w in zip(banks, weights):
+        d = b.scalings.detach().to(work) * torch.tensor(w, dtype=work, device=b.device)
+        scales.append(torch.repeat_interleave(d, torch.tensor(b.ranks, device=b.device)))
+    col_scale = torch.cat(scales) if len(scales) > 1 else scales[0]
+    if len(banks) == 1:
+        return banks[0].B.detach(), banks[0].A.detach(), col_scale, [banks[0].total_rank]
+    B_cat = torch.cat([b.B.detach() for b in banks], dim=1)
+    A_cat = torch.cat([b.A.detach() for b in banks], dim=0)
+    return B_cat, A_cat, col_scale, [b.total_rank for b in banks]
+
+
+def _scaled_factors(banks, weights, work: torch.dtype):
+    """Per bank (B diag(d) [m, R], A [R, n]) in the work dtype."""
+    out = []
+    for b, w in zip(banks, weights):
+        d = b.scalings.detach().to(work) * torch.tensor(w, dtype=work, device=b.device)
+        col = torch.repeat_interleave(d, torch.tensor(b.ranks, device=b.device))
+        out.append((b.B.detach().to(work) * col, b.A.detach().to(work)))
+    return out
+
+
+def _groups_by_rank(factors) -> dict[int, list[int]]:
+    # Banks with the same total rank stack into one batched QR/SVD; in federated
+    # rounds all layers of a projection usually share their clients' ranks.
+    groups: dict[int, list[int]] = {}
+    for i, (b, _) in enumerate(factors):
+        groups.setdefault(b.shape[1], []).append(i)
+    return groups
+
+
+def _run_grouped(factors, fn):
+    """Apply fn(layer indices, B [G, m, R], A [G, R, n]) -> (U, S, V) per rank group; restack in order."""
+    L = len(factors)
+    results: list = [None] * L
+    for idx in _groups_by_rank(factors).values():
+        U, S, V = fn(idx, torch.stack([factors[i][0] for i in idx]), torch.stack([factors[i][1] for i in idx]))
+        for j, i in enumerate(idx):
+            results[i] = (U[j], S[j], V[j])
+    return tuple(torch.stack([r[t] for r in results]) for t in range(3))
+
+
+# "auto": factored while valid (R < min(m, n)); past that the dense matrix must be
+# formed, and a randomized sketch of it replaces the full SVD when the sketch is
+# small against min(m, n). Timings behind the rule: bench/NOTES_server.md.
+AUTO_RANDOMIZED_MAX_SKETCH = 0.25
+
+
+def _auto_method(R: int, m: int, n: int, rank: int, oversample: int) -> str:
+    if R < min(m, n):
+        return "factored"
+    if rank + oversample <= AUTO_RANDOMIZED_MAX_SKETCH * min(m, n):
+        return "randomized_dense"
+    return "dense"
+
+
+def _generators(seed: int, layers, device: torch.device) -> list[torch.Generator]:
+    # Layer l of a batch sketches with seed + l: batched equals looped, whatever the grouping.
+    return [torch.Generator(device=device).manual_seed(seed + layer) for layer in layers]
+
+
+# --------------------------------------------------------------------- public
+def lora_delta(bank, weights=None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dW = sum_i w_i s_i B_i A_i, fused: B's rank columns scaled in-kernel, times A.
+
+    ``bank``: an AdapterBank -> [d_out, d_in]; a list of banks of one layer shape
+    (each with its own ranks) -> [L, d_out, d_in] from a single kernel launch.
+    ``weights``: see the module docstring. Accumulates in fp32 (fp64 for fp64
+    banks); the result has ``dtype`` (default: the banks' dtype). Not differentiable.
+    """
+    banks, batched = _as_bank_list(bank)
+    w = _per_bank_weights(weights, banks, batched)
+    _check_finite(banks)
+    with torch.no_grad():
+        B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
+        out = reconstruct(B_cat, A_cat, col_scale, layer_ranks, dtype or banks[0].dtype)
+    return out if batched else out[0]
+
+
+def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto", *,
+                oversample: int = 10, n_iter: int = 2, seed: int = 0):
+    """Top-``rank`` singular triplets (U [d_out, k], S [k], V [d_in, k]) of lora_delta(bank, weights).
+
+    ``bank``: an AdapterBank, a list of them (outputs gain a leading [L] axis), or a
+    dense matrix tensor [m, n] / [L, m, n] (then ``weights`` must be None and
+    ``method`` one of "auto", "randomized", "dense").
+
+    methods
+      factored    exact, from QR(B diag(d)), QR(A^T) and an SVD of the R x R core;
+                  never allocates m x n. Valid while R = sum(ranks) < min(d_out, d_in).
+      randomized  Halko-Martinsson-Tropp subspace iteration with ``oversample`` extra
+                  columns and ``n_iter`` power iterations (QR between products), on the
+                  factored operator (banks) or the dense matrix (tensor input). Seeded:
+                  the same ``seed`` on the same device gives bit-identical results; layer l
+                  of a batch uses seed + l, so it equals a single call with that seed.
+                  Expected spectral error (HMT Cor. 10.10 plus the truncation term of
+                  Sec. 9.4), with p = oversample >= 2, q = n_iter:
+                    E||M - U S V^T|| <= s_{k+1} + [(1 + sqrt(k/(p-1))) s_{k+1}^(2q+1)
+                                       + e sqrt(k+p)/p (sum_{j>k} s_j^(2(2q+1)))^(1/2)]^(1/(2q+1))
+      dense       torch.linalg.svd of the reconstructed matrix (the reference).
+      auto        factored when R < min(d_out, d_in); otherwise dense reconstruction and
+                  a randomized SVD when rank + oversample <= min(d_out, d_in) / 4, else the
+                  full SVD (rule and timings: bench/NOTES_server.md).
+
+    Computes in fp32 (fp64 banks in fp64); 16-bit factors are upcast. Signs are fixed
+    so that the largest-magnitude entry of each U column is positive (V flips with it).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    oversample = _check_int(oversample, "oversample", 0)
+    n_iter = _check_int(n_iter, "n_iter", 0)
+    if isinstance(bank, torch.Tensor):
+        return _lowrank_svd_dense_input(bank, weights, rank, method, oversample, n_iter, seed)
+    banks, batched = _as_bank_list(bank)
+    m, n = banks[0].d_out, banks[0].d_in
+    rank = _check_rank(rank, m, n)
+    w = _per_bank_weights(weights, banks, batched)
+    _check_finite(banks)
+    R_max = max(b.total_rank for b in banks)
+    if method == "factored" and R_max >= min(m, n):
+        raise ValueError(
+            f"method='factored' needs R = sum of ranks < min(d_out, d_in) = {min(m, n)}, but a bank has "
+            f"R = {R_max}; use method='dense' (exact) or 'randomized', or 'auto' to choose"
+        )
+    if method == "auto":
+        method = _auto_method(R_max, m, n, rank, oversample)
+    work = LR.work_dtype(banks[0].dtype)
+    with torch.no_grad():
+        if method in ("factored", "randomized"):
+            factors = _scaled_factors(banks, w, work)
+            if method == "factored":
+                U, S, V = _run_grouped(factors, lambda idx, B, A: LR.factored_svd(B, A, rank))
+            else:
+                U, S, V = _run_grouped(factors, lambda idx, B, A: LR.randomized_svd_factored(
+                    B, A, rank, oversample, n_iter, _generators(seed, idx, B.device)))
+        else:
+            B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
+            dense = reconstruct(B_cat, A_cat, col_scale, layer_ranks, work)
+            if method == "dense":
+                U, S, V = LR.dense_svd(dense, rank)
+            else:  # "randomized_dense", chosen by auto
+                gens = _generators(seed, range(len(banks)), dense.device)
+                U, S, V = LR.randomized_svd_dense(dense, rank, oversample, n_iter, gens)
+    return (U, S, V) if batched else (U[0], S[0], V[0])
+
+
+def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, oversample, n_iter, seed):
+    if weights is not None:
+        raise ValueError("weights apply to adapter banks; a dense matrix input takes weights=None")
+    if M.dim() not in (2, 3):
+        raise ValueError(f"a dense matrix input must be [m, n] or [L, m, n], got shape {tuple(M.shape)}")
+    if not (M.dtype.is_floating_point and M.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        raise ValueError(f"a dense matrix input must be a float tensor, got {M.dtype}")
+    if method == "factored":
+        raise ValueError("method='factored' needs an AdapterBank (the factors); for a dense matrix use "
+                         "'dense', 'randomized' or 'auto'")
+    m, n = M.shape[-2:]
+    rank = _check_rank(rank, m, n)
+    if not torch.isfinite(M).all():
+        raise ValueError("the dense matrix holds NaN or Inf")
+    batch = M if M.dim() == 3 else M.unsqueeze(0)
+    if method == "auto":
+        method = "randomized" if _auto_method(min(m, n), m, n, rank, oversample) == "randomized_dense" else "dense"
+    with torch.no_grad():
+        if method == "dense":
+            U, S, V = LR.dense_svd(batch, rank)
+        else:
+            gens = _generators(seed, range(batch.shape[0]), M.device)
+            U, S, V = LR.randomized_svd_dense(batch, rank, oversample, n_iter, gens)
+    return (U, S, V) if M.dim() == 3 else (U[0], S[0], V[0])
