@@ -54,6 +54,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import logging
+
+    from fedlora.federated.config import SimConfig
+    from fedlora.federated.simulation import simulate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = SimConfig.load(args.config, overrides)
+    except (ValueError, OSError) as exc:
+        print(f"fedlora simulate: {exc}", file=sys.stderr)
+        return 2
+    result = simulate(cfg)
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"done: {len(result.metrics)} rounds, metrics {result.output_dir / 'metrics.jsonl'}, "
+          f"plot {result.output_dir / 'metrics.png'}, adapter {result.adapter_dir}")
+    if "eval_heldout_ppl" in last:
+        print(f"final held-out perplexity {last['eval_heldout_ppl']:.3f}"
+              + (f", unseen clients {last['eval_unseen_ppl']:.3f}" if "eval_unseen_ppl" in last else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,11 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--clients", type=int, default=8, choices=range(1, 9), metavar="1..8")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    sim = sub.add_parser(
+        "simulate",
+        help="federated LoRA fine-tuning with heterogeneous client ranks (default: SmolLM2-135M x Shakespeare, FlexLoRA)",
+        description="Any setting of fedlora.federated.config.SimConfig can follow as --key value "
+                    "(lists comma-separated, e.g. --rank_levels 4,8,16; --strategy_options.max_rank 8).",
+    )
+    sim.add_argument("--config", help="TOML file with settings (flat, or under [simulate])")
+    sim.set_defaults(func=_simulate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command == "simulate":
+        return args.func(args, extra)
+    if extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

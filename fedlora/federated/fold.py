@@ -21,14 +21,21 @@ class DeltaLinear(nn.Module):
         self.base = base
         device = next((p.device for p in base.parameters()), torch.device("cpu"))
         self.register_buffer("delta", torch.zeros(d_out, d_in, dtype=dtype, device=device))
+        self.has_delta = False  # a zero delta costs a dense GEMM per call: skip it until one is set
 
     def set_delta_(self, delta: torch.Tensor) -> None:
         self._check(delta)
         self.delta.copy_(delta)
+        self.has_delta = True
 
     def add_delta_(self, delta: torch.Tensor) -> None:
         self._check(delta)
         self.delta.add_(delta.to(device=self.delta.device, dtype=self.delta.dtype))
+        self.has_delta = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.has_delta = bool(self.delta.any())
 
     def _check(self, delta: torch.Tensor) -> None:
         if tuple(delta.shape) != tuple(self.delta.shape):
@@ -36,6 +43,8 @@ class DeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.has_delta:
+            return y
         # Computed in the delta's precision and only then cast to the output's dtype.
         return y + (x.to(self.delta.dtype) @ self.delta.T).to(y.dtype)
 

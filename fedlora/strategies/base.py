@@ -160,6 +160,15 @@ class Strategy:
         return AggregationResult(round_idx, ids, rejected, changed=True,
                                  weights={u.client_id: float(w) for u, w in zip(accepted, data_weights)})
 
+    def global_delta(self, name: str) -> torch.Tensor:
+        """The global model's weight update of module ``name``, dense [d_out, d_in] (scaling folded in)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define global_delta")
+
+    def global_deltas(self) -> dict[str, torch.Tensor]:
+        """global_delta of every module."""
+        self._require_init()
+        return {name: self.global_delta(name) for name in self.module_shapes}
+
     # ----------------------------------------------------------- state on disk
     def state_dict(self) -> dict:
         """{"meta": JSON-able dict, "tensors": name -> tensor}; tensors are copies."""
@@ -290,6 +299,10 @@ class TruncatedFactors(Strategy):
         for name in self.module_shapes:
             self._tensors[f"{name}.A"] = self._fresh_A(name, self.rank, "init")
             self._tensors[f"{name}.B"] = self._zeros_B(name, self.rank)
+
+    def global_delta(self, name: str) -> torch.Tensor:
+        self._require_init()
+        return self._tensors[f"{name}.B"] @ self._tensors[f"{name}.A"]
 
     def _rank_check(self, rank: int) -> str | None:
         return None if rank <= self.rank else f"rank {rank} exceeds the global rank {self.rank}"

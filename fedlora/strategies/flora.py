@@ -87,6 +87,12 @@ class FLoRA(Strategy):
         self._require_init()
         return self.base_deltas([name])[name]
 
+    def global_delta(self, name: str) -> torch.Tensor:
+        return self.merged_delta(name)
+
+    def global_deltas(self) -> dict[str, torch.Tensor]:
+        return self.base_deltas()
+
     def base_deltas(self, names=None) -> dict[str, torch.Tensor]:
         """merged_delta of ``names`` (default all), one batched lora_delta per shape group."""
         self._require_init()
