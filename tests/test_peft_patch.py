@@ -141,6 +141,19 @@ def test_4bit_base_from_transformers(tmp_path):
     _assert_same(*_patched_vs_peft(model, IDS))
 
 
+def test_conv1d_base_with_fan_in_fan_out():
+    """GPT-2's Conv1D base (fan_in_fan_out): only merging transposes, so the patched forward applies."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))
+    model = get_peft_model(gpt2, LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                            init_lora_weights=False))
+    model.eval()  # GPT-2's own dropouts would draw different masks in the two runs
+    _assert_same(*_patched_vs_peft(model, IDS))
+
+
 def test_unsupported_layers_keep_peft_path_with_one_warning():
     model = _peft(target_modules=["q_proj", "embed_tokens"])
     model.add_adapter("dora", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
@@ -250,3 +263,31 @@ def test_error_adapter_batch_on_unpatched_model():
 def test_error_patch_model_without_lora():
     with pytest.raises(ValueError, match="LlamaForCausalLM holds no PEFT LoRA layer"):
         fedlora.patch_peft(_llama())
+
+
+def test_adapter_batch_dropout_per_adapter():
+    """In a mixed batch each adapter's own lora_dropout (own p) masks its own samples' LoRA input."""
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", torch.nn.Linear(16, 12))
+    model = get_peft_model(holder, LoraConfig(r=2, lora_alpha=3, target_modules=["proj"], lora_dropout=0.25,
+                                              init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=5, lora_alpha=4, target_modules=["proj"], lora_dropout=0.6,
+                                      init_lora_weights=False))
+    fedlora.patch_peft(model.train())
+    layer = model.base_model.model.proj
+    x = torch.randn(3, 4, 16)
+    with fedlora.adapter_batch(model, ["a", "a", "b"]):
+        torch.manual_seed(3)
+        y = model(x)
+    torch.manual_seed(3)  # the same draws, in segment order
+    mask_a = torch.nn.functional.dropout(torch.ones(8, 16), 0.25).view(2, 4, 16)
+    mask_b = torch.nn.functional.dropout(torch.ones(4, 16), 0.6).view(1, 4, 16)
+
+    def lora(name, xs):
+        return layer.scaling[name] * layer.lora_B[name](layer.lora_A[name](xs))
+
+    with torch.no_grad():
+        ref = layer.base_layer(x) + torch.cat([lora("a", x[:2] * mask_a), lora("b", x[2:] * mask_b)])
+        no_drop = layer.base_layer(x) + torch.cat([lora("a", x[:2]), lora("b", x[2:])])
+    assert rel_err(y, ref) < TOL and rel_err(y, no_drop) > 1e-3
