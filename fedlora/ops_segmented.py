@@ -96,8 +96,8 @@ def _segmented_lora_backward_op(
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(x, ranks, scalings, seg_lens, adapter_ids)
-    empty = x.new_empty(0)
-    dx = dA = dB = empty
+    # One empty tensor per skipped gradient: a custom op's outputs may not alias each other.
+    dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx or need_dA:
         g = K.shrink(grad_y, B.t(), plan)  # G = dY B_a, fp32 [T, max_rank]
         if need_dx:
@@ -112,11 +112,10 @@ def _segmented_lora_backward_op(
 
 @_segmented_lora_backward_op.register_fake
 def _(grad_y, x, A, B, scalings, seg_lens, adapter_ids, h, ranks, need_dx, need_dA, need_dB):
-    empty = x.new_empty(0)
     return (
-        torch.empty_like(x) if need_dx else empty,
-        torch.empty_like(A) if need_dA else empty,
-        torch.empty_like(B) if need_dB else empty,
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(A) if need_dA else x.new_empty(0),
+        torch.empty_like(B) if need_dB else x.new_empty(0),
     )
 
 

@@ -207,3 +207,18 @@ def test_torch_compile_traces_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(y_c, y_e)
     for got, want in zip(grads_c, [x.grad, model.bank.A.grad, model.bank.B.grad]):
         torch.testing.assert_close(got, want)
+
+
+def test_backward_with_only_B_trainable():
+    # Frozen A and an input without grad (FFA-LoRA's first adapted layer): two gradients are
+    # skipped, and the op must not return one tensor for both (torch rejects aliased outputs).
+    gen = torch.Generator().manual_seed(5)
+    bank = random_bank([2, 3], 8, 6, torch.float32, gen)
+    bank.A.requires_grad_(False)
+    x = torch.randn(5, 8, generator=gen)
+    segmented_lora(x, bank, [3, 2]).square().sum().backward()
+    x64, A64 = x.double(), bank.A.detach().double()
+    B64 = bank.B.detach().double().requires_grad_()
+    reference(x64, A64, B64, bank.ranks, bank.scalings.tolist(), [3, 2], [0, 1]).square().sum().backward()
+    assert bank.A.grad is None
+    assert rel_err(bank.B.grad, B64.grad) < REL_TOL[torch.float32]
