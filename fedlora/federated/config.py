@@ -45,7 +45,7 @@ class SimConfig:
     num_clients: int = 32  # training clients kept (0: all)
     # rounds
     rounds: int = 3
-    clients_per_round: int = 4  # a count, or a fraction of num_clients when < 1
+    clients_per_round: int | float = 4  # a count, or a fraction of num_clients when < 1
     local_steps: int = 4  # steps per client per round (ignored when local_epochs > 0)
     local_epochs: float = 0.0
     batch_size: int = 2  # sequences per client per step
@@ -115,7 +115,10 @@ class SimConfig:
         if path is not None:
             data = tomllib.loads(Path(path).read_text())
             values.update(data.get("simulate", data))
-        values.update(parse_overrides(overrides or [], {f.name: f for f in dataclasses.fields(cls)}))
+        for key, value in parse_overrides(overrides or [], {f.name: f for f in dataclasses.fields(cls)}).items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}  # --strategy_options.x adds to the file's options
+            values[key] = value
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,8 +128,8 @@ class SimConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _coerce(text: str, current: Any, name: str) -> Any:
-    """Parse an override the way its default is typed (lists as comma lists or JSON)."""
+def _coerce(text: str, current: Any, name: str, annotation: str = "") -> Any:
+    """Parse an override the way its field is typed (lists as comma lists or JSON)."""
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -137,10 +140,18 @@ def _coerce(text: str, current: Any, name: str) -> Any:
         if text.startswith(("[", "{")):
             return json.loads(text)
         items = [t for t in text.split(",") if t]
-        if current and isinstance(current[0], int):
-            return [int(t) for t in items]
+        if "list[int]" in annotation:  # the annotation, not the default: an empty default says nothing
+            try:
+                return [int(t) for t in items]
+            except ValueError as exc:
+                raise ValueError(f"--{name} expects comma-separated integers, got {text!r}") from exc
         return items
     try:
+        if isinstance(current, int) and "float" in annotation:  # a count or a fraction
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)
         if isinstance(current, int):
             return int(text)
         if isinstance(current, float):
@@ -176,5 +187,5 @@ def parse_overrides(args: list[str], fields: dict[str, dataclasses.Field]) -> di
                 parsed = value
             out.setdefault(top, dict(getattr(defaults, top)))[sub] = parsed
         else:
-            out[top] = _coerce(value, getattr(defaults, top), key)
+            out[top] = _coerce(value, getattr(defaults, top), key, str(fields[top].type))
     return out
