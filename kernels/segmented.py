@@ -313,12 +313,15 @@ def expand_torch(h: torch.Tensor, w: torch.Tensor, plan: SegmentPlan, out: torch
                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Torch twin of :func:`expand_triton`."""
     out, accumulate = _expand_out(h, w, out, dtype or w.dtype)
-    if not accumulate:
-        out.zero_()  # rows of empty segments do not exist, but keep every element defined
+    # Every row belongs to exactly one segment, so a fresh output needs no zero fill.
     scalings = plan.scalings.tolist()
     for start, end, a in plan.segments():
         rs = plan.rank_slice(a)
-        delta = scalings[a] * (h[start:end, : plan.ranks[a]] @ w[rs].float())
+        h_seg, w_seg = h[start:end, : plan.ranks[a]], w[rs].float()
+        if out.dtype == torch.float32:  # in place; beta=0 ignores the uninitialised rows
+            out[start:end].addmm_(h_seg, w_seg, beta=1.0 if accumulate else 0.0, alpha=scalings[a])
+            continue
+        delta = scalings[a] * (h_seg @ w_seg)
         if accumulate:
             delta += out[start:end].float()
         out[start:end] = delta.to(out.dtype)
@@ -406,12 +409,15 @@ def outer_triton(l: torch.Tensor, x: torch.Tensor, plan: SegmentPlan, out: torch
 
 def outer_torch(l: torch.Tensor, x: torch.Tensor, plan: SegmentPlan, out: torch.Tensor) -> torch.Tensor:
     """Torch twin of :func:`outer_triton`."""
-    acc = torch.zeros(out.shape, device=out.device, dtype=torch.float32)
+    # fp32 outputs accumulate in place; others in an fp32 buffer rounded once at the end.
+    acc = out if out.dtype == torch.float32 else torch.empty(out.shape, device=out.device, dtype=torch.float32)
+    acc.zero_()  # adapters used by no segment get exact zeros
     scalings = plan.scalings.tolist()
     for start, end, a in plan.segments():
         rs = plan.rank_slice(a)
-        acc[rs] += scalings[a] * (l[start:end, : plan.ranks[a]].t() @ x[start:end].float())
-    out.copy_(acc)
+        acc[rs].addmm_(l[start:end, : plan.ranks[a]].t(), x[start:end].float(), alpha=scalings[a])
+    if acc is not out:
+        out.copy_(acc)
     return out
 
 
