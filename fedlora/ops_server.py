@@ -155,18 +155,32 @@ def _run_grouped(factors, fn):
     return tuple(torch.stack([r[t] for r in results]) for t in range(3))
 
 
-# "auto": factored while valid (R < min(m, n)); past that the dense matrix must be
-# formed, and a randomized sketch of it replaces the full SVD when the sketch is
-# small against min(m, n). Timings behind the rule: bench/NOTES_server.md.
-AUTO_RANDOMIZED_MAX_SKETCH = 0.25
+# "auto" (bench/NOTES_server.md has the timings). Flop models, fitted on the 2-core dev CPU:
+#   factored  4 (m + n) R^2 + c R^3      two Householder QRs + the R x R core SVD
+#   dense     2 m n R + c m n min(m, n)   reconstruction + the full SVD
+# with c = 5 placing the square crossover at R ~ 0.75 min(m, n), where it was measured
+# (1024 x 1024: factored 2x faster at R = 0.62 min, even at 0.75, slower at 0.9;
+# 1024 x 2752: factored 8.6x faster at 0.62, 1.75x at 0.9).
+# Past R >= min(m, n) only dense or randomized remain; the randomized sketch is taken when
+# it is small (k + p <= min(m, n) / 8; at R = 1536, m = n = 1024 it was 3.8x faster than the
+# full SVD at k + p = 74, 2.6x at 128, only 1.2x at 256, not worth its approximation),
+# on whichever operator needs fewer flops: factored products cost (m + n) R per column,
+# dense ones m n per column plus the one-off reconstruction m n R.
+AUTO_SVD_FLOP_CONSTANT = 5.0
+AUTO_RANDOMIZED_MAX_SKETCH = 0.125
 
 
-def _auto_method(R: int, m: int, n: int, rank: int, oversample: int) -> str:
-    if R < min(m, n):
-        return "factored"
-    if rank + oversample <= AUTO_RANDOMIZED_MAX_SKETCH * min(m, n):
-        return "randomized_dense"
-    return "dense"
+def _auto_method(R: int, m: int, n: int, rank: int, oversample: int, n_iter: int) -> str:
+    c, short = AUTO_SVD_FLOP_CONSTANT, min(m, n)
+    if R < short:
+        factored = 4 * (m + n) * R**2 + c * R**3
+        dense = 2 * m * n * R + c * m * n * short
+        return "factored" if factored < dense else "dense"
+    if rank + oversample > AUTO_RANDOMIZED_MAX_SKETCH * short:
+        return "dense"
+    products = 2 * n_iter + 2
+    return "randomized" if products * (m + n) * R <= m * n * R / (rank + oversample) + products * m * n \
+        else "randomized_dense"
 
 
 def _generators(seed: int, layers, device: torch.device) -> list[torch.Generator]:
@@ -213,9 +227,13 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
                     E||M - U S V^T|| <= s_{k+1} + [(1 + sqrt(k/(p-1))) s_{k+1}^(2q+1)
                                        + e sqrt(k+p)/p (sum_{j>k} s_j^(2(2q+1)))^(1/2)]^(1/(2q+1))
       dense       torch.linalg.svd of the reconstructed matrix (the reference).
-      auto        factored when R < min(d_out, d_in); otherwise dense reconstruction and
-                  a randomized SVD when rank + oversample <= min(d_out, d_in) / 4, else the
-                  full SVD (rule and timings: bench/NOTES_server.md).
+      auto        exact unless R >= min(d_out, d_in): below it, factored or dense, whichever
+                  a measured flop model says is cheaper (factored up to R ~ 0.75 min(m, n) for
+                  square layers, further for oblong ones); at or above it, randomized when
+                  rank + oversample <= min(d_out, d_in) / 8 (on the factored operator or the
+                  reconstructed matrix, whichever costs fewer flops), else dense. For a dense
+                  matrix input: randomized under the same sketch-size condition, else dense.
+                  Rule and timings: bench/NOTES_server.md.
 
     Computes in fp32 (fp64 banks in fp64); 16-bit factors are upcast. Signs are fixed
     so that the largest-magnitude entry of each U column is positive (V flips with it).
@@ -238,7 +256,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
             f"R = {R_max}; use method='dense' (exact) or 'randomized', or 'auto' to choose"
         )
     if method == "auto":
-        method = _auto_method(R_max, m, n, rank, oversample)
+        method = _auto_method(R_max, m, n, rank, oversample, n_iter)
     work = LR.work_dtype(banks[0].dtype)
     with torch.no_grad():
         if method in ("factored", "randomized"):
@@ -275,7 +293,7 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, oversample,
         raise ValueError("the dense matrix holds NaN or Inf")
     batch = M if M.dim() == 3 else M.unsqueeze(0)
     if method == "auto":
-        method = "randomized" if _auto_method(min(m, n), m, n, rank, oversample) == "randomized_dense" else "dense"
+        method = "dense" if rank + oversample > AUTO_RANDOMIZED_MAX_SKETCH * min(m, n) else "randomized"
     with torch.no_grad():
         if method == "dense":
             U, S, V = LR.dense_svd(batch, rank)
