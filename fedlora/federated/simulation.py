@@ -132,12 +132,16 @@ class Checkpoints:
     def save(self, round_idx: int, strategy: Strategy, state: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        strategy.save(tmp / "strategy.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state))
         final = self.root / f"round-{round_idx:04d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            strategy.save(tmp / "strategy.safetensors")
+            (tmp / "state.json").write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:  # a failed save leaves no half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         atomic_write(self.root / "latest", final.name.encode())
         for old in sorted(p for p in self.root.glob("round-*") if p != final)[: -self.keep + 1 or None]:
             shutil.rmtree(old, ignore_errors=True)
@@ -192,8 +196,12 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     if cfg.resume:
         state = checkpoints.load(strategy)
         if state is not None:
-            if _run_defining(state["config"]) != _run_defining(cfg.to_dict()):
-                raise ValueError(f"config: --resume with settings that differ from the checkpoint's in {out}")
+            saved, now = _run_defining(state["config"]), _run_defining(cfg.to_dict())
+            if saved != now:
+                diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+                        if saved.get(k) != now.get(k)}
+                raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
+                                 f"(name: (checkpoint, now)): {diff}")
             start_round, metrics, totals = state["next_round"], state["metrics"], state["totals"]
             log.info("resuming at round %d from %s", start_round, out)
 
