@@ -5,7 +5,7 @@ leading batch axis: B [G, m, R], A [G, R, n] or a dense M [G, m, n], and returns
 U [G, m, k], S [G, k], V [G, n, k] with the sign convention of :func:`fix_signs`.
 
 factored    exact: QR(B) = Qb Rb, QR(A^T) = Qa Ra, svd(Rb Ra^T) = Uc S Vc^T, then
-            M = (Qb Uc) S (Qa Vc)^T. Cost O((m + n) R^2 + R^3), memory O((m + n) R);
+            M = (Qb Uc) S (Qa Vc)^T. Cost 2 (m + n) R^2 + O(R^3), memory O((m + n) R);
             never forms the m x n matrix. Needs R <= min(m, n) for the reduced QR.
 randomized  Halko, Martinsson & Tropp (2011), Alg. 4.4 (randomized subspace iteration):
             a Gaussian test matrix of k + oversample columns, n_iter power iterations
@@ -57,12 +57,23 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, k: int):
     if k > R:
         B = torch.cat([B, B.new_zeros(B.shape[0], B.shape[1], k - R)], dim=-1)
         A = torch.cat([A, A.new_zeros(A.shape[0], k - R, A.shape[2])], dim=-2)
-    Qb, Rb = torch.linalg.qr(B)  # [G, m, R], [G, R, R]
-    Qa, Ra = torch.linalg.qr(A.transpose(-2, -1))  # [G, n, R], [G, R, R]
+    # Householder QR kept in compact form: Q is only ever applied to the k columns we
+    # keep (ormqr, 4 m R k flops), never formed (orgqr, another ~2 m R^2).
+    qb, tau_b = torch.geqrf(B)  # [G, m, R]
+    qa, tau_a = torch.geqrf(A.transpose(-2, -1).contiguous())  # [G, n, R]
+    Rb = qb[..., : B.shape[-1], :].triu()
+    Ra = qa[..., : B.shape[-1], :].triu()
     Uc, S, Vch = torch.linalg.svd(Rb @ Ra.transpose(-2, -1))
-    U = Qb @ Uc[..., :k]
-    V = Qa @ Vch[..., :k, :].transpose(-2, -1)
+    U = _apply_q(qb, tau_b, Uc[..., :k])
+    V = _apply_q(qa, tau_a, Vch[..., :k, :].transpose(-2, -1))
     return fix_signs(U, S[..., :k], V)
+
+
+def _apply_q(qr: torch.Tensor, tau: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Q[:, :R] @ X for the compact Householder QR (qr [G, m, R], tau) and X [G, R, k]."""
+    rows = qr.shape[-2] - X.shape[-2]
+    padded = torch.cat([X, X.new_zeros(X.shape[0], rows, X.shape[-1])], dim=-2)
+    return torch.ormqr(qr, tau, padded)
 
 
 def dense_svd(M: torch.Tensor, k: int):
