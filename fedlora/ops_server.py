@@ -156,24 +156,24 @@ def _run_grouped(factors, fn):
 
 
 # "auto" (bench/NOTES_server.md has the timings). Flop models, fitted on the 2-core dev CPU:
-#   factored  4 (m + n) R^2 + c R^3      two Householder QRs + the R x R core SVD
+#   factored  2 (m + n) R^2 + c R^3      two compact Householder QRs + the R x R core SVD
 #   dense     2 m n R + c m n min(m, n)   reconstruction + the full SVD
-# with c = 5 placing the square crossover at R ~ 0.75 min(m, n), where it was measured
-# (1024 x 1024: factored 2x faster at R = 0.62 min, even at 0.75, slower at 0.9;
-# 1024 x 2752: factored 8.6x faster at 0.62, 1.75x at 0.9).
+# with c = 10 fitting the measured square ratios (1024 x 1024: dense / factored = 1.6 at
+# R = 0.75 min, 1.2 at 0.85, 1.03 at 0.94; crossover ~0.95 min). Oblong layers favour
+# factored more (1024 x 2752: 8.6x at R = 0.62 min).
 # Past R >= min(m, n) only dense or randomized remain; the randomized sketch is taken when
 # it is small (k + p <= min(m, n) / 8; at R = 1536, m = n = 1024 it was 3.8x faster than the
 # full SVD at k + p = 74, 2.6x at 128, only 1.2x at 256, not worth its approximation),
 # on whichever operator needs fewer flops: factored products cost (m + n) R per column,
 # dense ones m n per column plus the one-off reconstruction m n R.
-AUTO_SVD_FLOP_CONSTANT = 5.0
+AUTO_SVD_FLOP_CONSTANT = 10.0
 AUTO_RANDOMIZED_MAX_SKETCH = 0.125
 
 
 def _auto_method(R: int, m: int, n: int, rank: int, oversample: int, n_iter: int) -> str:
     c, short = AUTO_SVD_FLOP_CONSTANT, min(m, n)
     if R < short:
-        factored = 4 * (m + n) * R**2 + c * R**3
+        factored = 2 * (m + n) * R**2 + c * R**3
         dense = 2 * m * n * R + c * m * n * short
         return "factored" if factored < dense else "dense"
     if rank + oversample > AUTO_RANDOMIZED_MAX_SKETCH * short:
@@ -228,7 +228,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
                                        + e sqrt(k+p)/p (sum_{j>k} s_j^(2(2q+1)))^(1/2)]^(1/(2q+1))
       dense       torch.linalg.svd of the reconstructed matrix (the reference).
       auto        exact unless R >= min(d_out, d_in): below it, factored or dense, whichever
-                  a measured flop model says is cheaper (factored up to R ~ 0.75 min(m, n) for
+                  a measured flop model says is cheaper (factored up to R ~ 0.95 min(m, n) for
                   square layers, further for oblong ones); at or above it, randomized when
                   rank + oversample <= min(d_out, d_in) / 8 (on the factored operator or the
                   reconstructed matrix, whichever costs fewer flops), else dense. For a dense

@@ -319,14 +319,15 @@ def test_rejects_bad_randomized_settings(name, value):
 
 
 @pytest.mark.parametrize("ranks, rank, expected", [
-    ([6, 4], 5, "factored"),           # R = 10 of min 160: far below the crossover
-    ([64, 64, 12], 5, "dense"),        # R = 140: the full SVD is cheaper than the core's
-    ([64, 64, 64], 5, "randomized"),   # R = 192 >= 160, small sketch: factored operator
-    ([64, 64, 64], 30, "dense"),       # same R, sketch 40 > 160 / 8
+    ([6, 4], 5, "factored"),           # R = 10 of min 192: far below the crossover
+    ([64, 64, 22], 5, "factored"),     # R = 150 (0.78 min): the core SVD is still cheaper
+    ([64, 64, 58], 5, "dense"),        # R = 186 (0.97 min): the full SVD is cheaper
+    ([64, 64, 64], 5, "randomized"),   # R = 192 >= min, small sketch: factored operator
+    ([64, 64, 64], 30, "dense"),       # same R, sketch 40 > 192 / 8
 ])
 def test_auto_follows_the_documented_rule(ranks, rank, expected):
     gen = torch.Generator().manual_seed(51)
-    bank = make_bank(ranks, 200, 160, gen)
+    bank = make_bank(ranks, 192, 192, gen)
     auto = lowrank_svd(bank, rank=rank, method="auto")
     chosen = lowrank_svd(bank, rank=rank, method=expected)
     assert all(torch.equal(a, b) for a, b in zip(auto, chosen))
