@@ -110,46 +110,44 @@ def _check_int(value, name: str, low: int) -> int:
 
 
 # --------------------------------------------------------------------- pieces
+def _column_scales(bank: AdapterBank, weights: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """[R]: w_i s_i repeated over adapter i's rank columns."""
+    d = bank.scalings.detach().to(dtype) * torch.tensor(weights, dtype=dtype, device=bank.device)
+    return torch.repeat_interleave(d, torch.tensor(bank.ranks, device=bank.device))
+
+
 def _packed(banks: list[AdapterBank], weights: list[list[float]]):
     """(B_cat [m, R_tot], A_cat [R_tot, n], col_scale [R_tot], per-bank R); col_scale is fp32 (fp64 banks: fp64)."""
     work = LR.work_dtype(banks[0].dtype)
-    scales = []
-    for b, w in zip(banks, weights):
-        d = b.scalings.detach().to(work) * torch.tensor(w, dtype=work, device=b.device)
-        scales.append(torch.repeat_interleave(d, torch.tensor(b.ranks, device=b.device)))
-    col_scale = torch.cat(scales) if len(scales) > 1 else scales[0]
+    scales = [_column_scales(b, w, work) for b, w in zip(banks, weights)]
     if len(banks) == 1:
-        return banks[0].B.detach(), banks[0].A.detach(), col_scale, [banks[0].total_rank]
+        return banks[0].B.detach(), banks[0].A.detach(), scales[0], [banks[0].total_rank]
     B_cat = torch.cat([b.B.detach() for b in banks], dim=1)
     A_cat = torch.cat([b.A.detach() for b in banks], dim=0)
-    return B_cat, A_cat, col_scale, [b.total_rank for b in banks]
+    return B_cat, A_cat, torch.cat(scales), [b.total_rank for b in banks]
 
 
-def _scaled_factors(banks, weights, work: torch.dtype):
-    """Per bank (B diag(d) [m, R], A [R, n]) in the work dtype."""
-    out = []
-    for b, w in zip(banks, weights):
-        d = b.scalings.detach().to(work) * torch.tensor(w, dtype=work, device=b.device)
-        col = torch.repeat_interleave(d, torch.tensor(b.ranks, device=b.device))
-        out.append((b.B.detach().to(work) * col, b.A.detach().to(work)))
-    return out
+def _run_grouped(banks: list[AdapterBank], weights: list[list[float]], work: torch.dtype, fn):
+    """fn(layer indices, B diag(d) [G, m, R], A [G, R, n]) -> (U, S, V) per group of banks.
 
-
-def _groups_by_rank(factors) -> dict[int, list[int]]:
-    # Banks with the same total rank stack into one batched QR/SVD; in federated
-    # rounds all layers of a projection usually share their clients' ranks.
+    Banks with the same total rank stack into one batched QR/SVD (in federated rounds
+    all layers of a projection usually share their clients' ranks). Each factor is
+    copied once per group: B's stacked copy is scaled in place, A is a view when G = 1.
+    """
     groups: dict[int, list[int]] = {}
-    for i, (b, _) in enumerate(factors):
-        groups.setdefault(b.shape[1], []).append(i)
-    return groups
-
-
-def _run_grouped(factors, fn):
-    """Apply fn(layer indices, B [G, m, R], A [G, R, n]) -> (U, S, V) per rank group; restack in order."""
-    L = len(factors)
-    results: list = [None] * L
-    for idx in _groups_by_rank(factors).values():
-        U, S, V = fn(idx, torch.stack([factors[i][0] for i in idx]), torch.stack([factors[i][1] for i in idx]))
+    for i, b in enumerate(banks):
+        groups.setdefault(b.total_rank, []).append(i)
+    results: list = [None] * len(banks)
+    for idx in groups.values():
+        scales = torch.stack([_column_scales(banks[i], weights[i], work) for i in idx]).unsqueeze(1)
+        if len(idx) == 1:
+            B = banks[idx[0]].B.detach().unsqueeze(0).to(work) * scales
+            A = banks[idx[0]].A.detach().unsqueeze(0).to(work)
+        else:
+            B = torch.stack([banks[i].B.detach() for i in idx]).to(work).mul_(scales)
+            A = torch.stack([banks[i].A.detach() for i in idx]).to(work)
+        U, S, V = fn(idx, B, A)
+        del B, A
         for j, i in enumerate(idx):
             results[i] = (U[j], S[j], V[j])
     return tuple(torch.stack([r[t] for r in results]) for t in range(3))
@@ -260,11 +258,10 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
     work = LR.work_dtype(banks[0].dtype)
     with torch.no_grad():
         if method in ("factored", "randomized"):
-            factors = _scaled_factors(banks, w, work)
             if method == "factored":
-                U, S, V = _run_grouped(factors, lambda idx, B, A: LR.factored_svd(B, A, rank))
+                U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.factored_svd(B, A, rank))
             else:
-                U, S, V = _run_grouped(factors, lambda idx, B, A: LR.randomized_svd_factored(
+                U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.randomized_svd_factored(
                     B, A, rank, oversample, n_iter, _generators(seed, idx, B.device)))
         else:
             B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)

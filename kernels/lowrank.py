@@ -60,7 +60,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, k: int):
     # Householder QR kept in compact form: Q is only ever applied to the k columns we
     # keep (ormqr, 4 m R k flops), never formed (orgqr, another ~2 m R^2).
     qb, tau_b = torch.geqrf(B)  # [G, m, R]
-    qa, tau_a = torch.geqrf(A.transpose(-2, -1).contiguous())  # [G, n, R]
+    qa, tau_a = torch.geqrf(A.transpose(-2, -1))  # [G, n, R]; the view is already column-major
     Rb = qb[..., : B.shape[-1], :].triu()
     Ra = qa[..., : B.shape[-1], :].triu()
     Uc, S, Vch = torch.linalg.svd(Rb @ Ra.transpose(-2, -1))
