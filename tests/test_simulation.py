@@ -100,7 +100,8 @@ def check_exported_adapter(out: Path, export_rank: int, model_spec) -> None:
 # ----------------------------------------------------------- CLI, every strategy
 CLI_BASE = ["--rounds", "3", "--clients_per_round", "4", "--local_steps", "4", "--batch_size", "2",
             "--seq_len", "48", "--lr", "0.02", "--rank_levels", "2,4,8", "--eval_max_examples", "8",
-            "--progress", "false", "--heldout_fraction", "0.2"]
+            "--progress", "false", "--heldout_fraction", "0.2", "--unseen_fraction", "0.2",
+            "--eval_generate_examples", "3", "--max_new_tokens", "6"]
 
 
 def tiny_model_toml(path: Path) -> Path:
@@ -129,6 +130,9 @@ def test_cli_run_per_strategy(strategy, tmp_path, capsys):
     assert [m["round"] for m in metrics] == [0, 1, 2]
     for m in metrics:
         assert math.isfinite(m["eval_heldout_loss"]) and math.isfinite(m["eval_heldout_ppl"])
+        assert math.isfinite(m["eval_unseen_loss"])
+        # Instruction data: Rouge-L of greedy generations on both splits.
+        assert 0.0 <= m["eval_heldout_rougeL"] <= 1.0 and 0.0 <= m["eval_unseen_rougeL"] <= 1.0
         assert m["state_changed"] and not m["rejected"] and len(m["accepted"]) == 4
         assert m["bytes_up"] > 0 and m["bytes_down"] > 0
     losses = [m["train_loss"] for m in metrics]

@@ -66,6 +66,8 @@ class SimConfig:
     # evaluation
     eval_every: int = 1
     eval_max_examples: int = 32  # per split (held-out lines of training clients, unseen clients)
+    eval_generate_examples: int = 16  # instruction data: greedy generations per split scored by Rouge-L (0: off)
+    max_new_tokens: int = 64
     # run
     mode: str = "batched"  # batched | sequential
     seed: int = 0

@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora.data import FederatedData, load_instructions, load_model, load_shakespeare
+from fedlora.data import FederatedData, load_instructions, load_model, load_shakespeare, read_jsonl
+from fedlora.data.instructions import partition_by_field
 from fedlora.federated.config import SimConfig
+from fedlora.federated.generation import pick_examples, rouge_l
 from fedlora.federated.ranks import assign_ranks
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, evaluate_loss, train_clients
@@ -72,9 +74,16 @@ def load_data(cfg: SimConfig, tokenizer) -> FederatedData:
     path = Path(cfg.dataset)
     if not path.is_file():
         raise ValueError(f"config: dataset must be 'shakespeare' or an instruction JSONL file; {path} does not exist")
+    if cfg.partition == "field":
+        num_parts = len(partition_by_field(read_jsonl(path), cfg.client_field))
+    else:
+        num_parts = max_clients or 0
+    # FlexLoRA's "unseen clients" protocol: a seeded share of clients is never trained on.
+    unseen = int(cfg.unseen_fraction * num_parts) if num_parts > 1 else 0
     data = load_instructions(path, tokenizer, partition=cfg.partition, client_field=cfg.client_field,
                              category_field=cfg.category_field, num_clients=max_clients, alpha=cfg.dirichlet_alpha,
-                             heldout_fraction=cfg.heldout_fraction, max_len=cfg.seq_len, seed=cfg.seed)
+                             heldout_fraction=cfg.heldout_fraction, unseen_clients=min(unseen, num_parts - 1),
+                             max_len=cfg.seq_len, seed=cfg.seed)
     if max_clients and len(data.train_clients) > max_clients:
         data.train_clients = data.train_clients[:max_clients]
     return data
@@ -207,6 +216,10 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
 
     heldout = [ex for c in clients for ex in c.heldout][: cfg.eval_max_examples]
     unseen = [ex for c in data.unseen_clients for ex in c.train + c.heldout][: cfg.eval_max_examples]
+    rouge_sets = {}
+    if cfg.dataset != "shakespeare" and cfg.eval_generate_examples > 0:  # FlexLoRA's metric for instructions
+        rouge_sets = {"heldout": pick_examples(clients, cfg.eval_generate_examples, unseen=False),
+                      "unseen": pick_examples(data.unseen_clients, cfg.eval_generate_examples, unseen=True)}
     (out / "config.json").write_text(cfg.to_json())
 
     rounds = range(start_round, cfg.rounds)
@@ -223,6 +236,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         totals["bytes_down"] += record["bytes_down"]
         if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
             record.update(_evaluate(fm, strategy, heldout, unseen, pad_id))
+            if rouge_sets:
+                record.update(_evaluate_rouge(fm, strategy, tokenizer, rouge_sets, pad_id, cfg.max_new_tokens))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)
@@ -308,6 +323,15 @@ def _evaluate(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id) -
     return out
 
 
+def _evaluate_rouge(fm: FederatedModel, strategy: Strategy, tokenizer, rouge_sets, pad_id, max_new_tokens) -> dict:
+    fm.load_zero_adapter()
+    fm.set_deltas(strategy.global_deltas())
+    out = {f"eval_{name}_rougeL": rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens)
+           for name, picked in rouge_sets.items() if picked}
+    fm.set_deltas(None)
+    return out
+
+
 def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable if iterable is not None else None
@@ -318,7 +342,8 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 def _summary(record: dict, enabled: bool) -> None:
     parts = [f"round {record['round']}", f"train_loss {record['train_loss']:.4f}"]
-    for key in ("eval_heldout_loss", "eval_heldout_ppl", "eval_unseen_loss", "eval_unseen_ppl"):
+    for key in ("eval_heldout_loss", "eval_heldout_ppl", "eval_unseen_loss", "eval_unseen_ppl",
+                "eval_heldout_rougeL", "eval_unseen_rougeL"):
         if key in record:
             parts.append(f"{key.removeprefix('eval_')} {record[key]:.4f}")
     parts += [f"up {record['bytes_up'] / 1e6:.2f} MB", f"down {record['bytes_down'] / 1e6:.2f} MB",

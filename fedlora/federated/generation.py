@@ -1,0 +1,71 @@
+"""Rouge-L of greedy generations: FlexLoRA's metric for instruction data.
+
+An encoded instruction example holds the prompt (labels -100) followed by the
+answer; the model continues the prompt greedily and the continuation is scored
+against the answer with Google's `rouge-score` (Rouge-L F-measure). Clients are
+averaged with weights proportional to their size, as FlexLoRA reports it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedlora.data.clients import IGNORE_INDEX, ClientDataset
+from fedlora.layers import segments
+
+from .trainer import FederatedModel
+
+
+def split_prompt(example) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, reference answer ids) of an instruction example."""
+    answer = example["labels"] != IGNORE_INDEX
+    if not answer.any():
+        return example["input_ids"], example["input_ids"][:0]
+    first = int(answer.nonzero()[0])
+    return example["input_ids"][:first], example["input_ids"][answer]
+
+
+def pick_examples(clients: Sequence[ClientDataset], budget: int, unseen: bool) -> list[tuple[float, list]]:
+    """Up to ``budget`` examples, client by client: (client weight, examples) pairs.
+
+    Training clients contribute their held-out examples, unseen clients all of theirs.
+    """
+    picked = []
+    for client in clients:
+        if budget <= 0:
+            break
+        pool = (client.train + client.heldout) if unseen else client.heldout
+        take = pool[:budget]
+        if take:
+            picked.append((float(len(client.train) + len(client.heldout)), take))
+            budget -= len(take)
+    return picked
+
+
+@torch.no_grad()
+def rouge_l(fm: FederatedModel, tokenizer, per_client: Sequence[tuple[float, list]], pad_token_id: int,
+            max_new_tokens: int = 64) -> float:
+    """Client-size-weighted mean Rouge-L F of greedy continuations (single zero adapter loaded)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    fm.model.eval()
+    total = weight = 0.0
+    for client_weight, examples in per_client:
+        scores = []
+        for ex in examples:
+            prompt, reference = split_prompt(ex)
+            if reference.numel() == 0 or prompt.numel() == 0:
+                continue
+            ids = prompt[None].to(fm.device)
+            with segments(fm.model, [1], [0]):
+                out = fm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+            generated = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            target = tokenizer.decode(reference, skip_special_tokens=True)
+            scores.append(scorer.score(target, generated)["rougeL"].fmeasure)
+        if scores:
+            total += client_weight * sum(scores) / len(scores)
+            weight += client_weight
+    return total / weight if weight else float("nan")
