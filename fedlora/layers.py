@@ -30,6 +30,18 @@ from torch import nn
 from . import ops_fused
 from .bank import AdapterBank, lora_scaling
 
+def keep_4bit_layout_trainable(base: nn.Module) -> None:
+    """Stop bitsandbytes repacking a 4-bit weight into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, Linear4bit converts its weight on the first no-grad
+    eval() forward to a layout served by gemv_4bit, which has no autograd, and
+    never converts back: training after an evaluation would then backpropagate
+    through a kernel without a backward. Adapter training needs the trainable layout.
+    """
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        base.support_avx512bf16_for_cpu = False
+
+
 def _base_kind(base: nn.Module, name: str) -> str:
     bnb = sys.modules.get("bitsandbytes")  # a bitsandbytes layer implies the package is imported
     if bnb is not None:
@@ -65,6 +77,7 @@ class MultiLoRALinear(nn.Module):
         self.name = name or f"MultiLoRALinear({type(base).__name__})"
         self.base_kind = _base_kind(base, self.name)
         base.requires_grad_(False)
+        keep_4bit_layout_trainable(base)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         if dtype is None:

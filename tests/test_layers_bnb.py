@@ -122,3 +122,29 @@ def test_error_unsupported_quantized_base():
     layer.weight = nn.Parameter(torch.zeros(4, 8, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match=r"q8: base layer of type .*OtherQuantLinear is not supported"):
         MultiLoRALinear(layer, ranks=[2], name="q8")
+
+
+def test_training_after_an_evaluation_keeps_the_4bit_backward():
+    """bitsandbytes repacks a 4-bit weight for CPU inference on the first eval() forward
+    (AVX512-BF16 CPUs) into a layout whose kernel has no autograd; a layer must train
+    identically before and after an evaluation."""
+    gen = torch.Generator().manual_seed(3)
+    base = _quantized("nf4", nn.Linear(64, 48))
+    layer = MultiLoRALinear(base, factors=_factors([4, 2]), alphas=[8, 4])
+    x = torch.randn(2, 5, 64, generator=gen)
+
+    def grads():
+        xi = x.clone().requires_grad_()
+        layer.train()
+        layer(xi, seg_lens=[1, 1], adapter_ids=[1, 0]).square().sum().backward()
+        out = [xi.grad.clone(), layer.bank.A.grad.clone(), layer.bank.B.grad.clone()]
+        layer.zero_grad()
+        return out
+
+    before = grads()
+    layer.eval()
+    with torch.no_grad():
+        layer(x, seg_lens=[1, 1], adapter_ids=[1, 0])
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    for got, want in zip(grads(), before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fedlora import ops_fused
+from fedlora.layers import keep_4bit_layout_trainable
 
 _NAME_ATTR = "_fedlora_name"
 _BASE = "__base__"
@@ -217,6 +218,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
                 _warn_once((type(layer), reason), f"fedlora.patch_peft: {_type_name(layer)} layers with {reason} "
                            f"(e.g. {name!r}, adapter {adapter!r}) run PEFT's own forward")
         setattr(layer, _NAME_ATTR, name)
+        keep_4bit_layout_trainable(layer.get_base_layer())
         layer.forward = types.MethodType(_patched_forward, layer)
     return model
 
