@@ -351,15 +351,17 @@ def _summary(record: dict, enabled: bool) -> None:
     if record["rejected"]:
         parts.append(f"rejected {record['rejected']}")
     line = " | ".join(parts)
-    if enabled:
+    if enabled:  # printed above the live progress bars
         from tqdm.auto import tqdm
 
         tqdm.write(line)
-    log.info(line)
+    else:
+        print(line, flush=True)
 
 
 def _plot(metrics: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -371,6 +373,7 @@ def _plot(metrics: list[dict], path: Path) -> None:
         points = [(r, m[key]) for r, m in zip(rounds, metrics) if key in m and math.isfinite(m[key])]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("next-token loss")
     ax.legend()
