@@ -61,6 +61,14 @@ def check_against_reference(bank, seg_lens, adapter_ids, dtype, gen, tol_scale=1
         assert torch.count_nonzero(gA) == 0 and torch.count_nonzero(gB) == 0
 
 
+def check_layout(layout):
+    """One drawn layout: a fresh random fp32 bank checked against the float64 reference."""
+    ranks, d_in, d_out, seg_lens, adapter_ids, seed = layout
+    gen = torch.Generator().manual_seed(seed)
+    bank = random_bank(ranks, d_in, d_out, torch.float32, gen)
+    check_against_reference(bank, seg_lens, adapter_ids, torch.float32, gen)
+
+
 @st.composite
 def layouts(draw, max_adapters, max_rank, max_dim, max_seg, max_segments):
     n = draw(st.integers(1, max_adapters))
@@ -77,10 +85,7 @@ def layouts(draw, max_adapters, max_rank, max_dim, max_seg, max_segments):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(layouts(max_adapters=12, max_rank=70, max_dim=200, max_seg=60, max_segments=10))
 def test_torch_twin_matches_reference(monkeypatch_env, layout):
-    ranks, d_in, d_out, seg_lens, adapter_ids, seed = layout
-    gen = torch.Generator().manual_seed(seed)
-    bank = random_bank(ranks, d_in, d_out, torch.float32, gen)
-    check_against_reference(bank, seg_lens, adapter_ids, torch.float32, gen)
+    check_layout(layout)
 
 
 # No shrinking: each interpreted example costs ~1 s, and a failure prints its layout anyway.
@@ -92,10 +97,7 @@ def test_torch_twin_matches_reference(monkeypatch_env, layout):
 )
 @given(layouts(max_adapters=5, max_rank=40, max_dim=48, max_seg=20, max_segments=5))
 def test_triton_matches_reference(triton_env, layout):
-    ranks, d_in, d_out, seg_lens, adapter_ids, seed = layout
-    gen = torch.Generator().manual_seed(seed)
-    bank = random_bank(ranks, d_in, d_out, torch.float32, gen)
-    check_against_reference(bank, seg_lens, adapter_ids, torch.float32, gen)
+    check_layout(layout)
 
 
 @pytest.fixture

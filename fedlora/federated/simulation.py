@@ -235,9 +235,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         totals["bytes_up"] += record["bytes_up"]
         totals["bytes_down"] += record["bytes_down"]
         if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
-            record.update(_evaluate(fm, strategy, heldout, unseen, pad_id))
-            if rouge_sets:
-                record.update(_evaluate_rouge(fm, strategy, tokenizer, rouge_sets, pad_id, cfg.max_new_tokens))
+            record.update(_evaluate(fm, strategy, heldout, unseen, pad_id, tokenizer, rouge_sets,
+                                    cfg.max_new_tokens))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)
@@ -309,8 +308,12 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
     }
 
 
-def _evaluate(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id) -> dict:
-    """Loss and perplexity of the global model (base + global delta) on held-out data."""
+def _evaluate(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id, tokenizer, rouge_sets,
+              max_new_tokens) -> dict:
+    """Loss, perplexity (and Rouge-L for instruction data) of the global model: base + global delta.
+
+    The global deltas are reconstructed once and serve every metric.
+    """
     fm.load_zero_adapter()
     fm.set_deltas(strategy.global_deltas())
     out = {}
@@ -319,15 +322,9 @@ def _evaluate(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id) -
             loss = evaluate_loss(fm, examples, pad_id)
             out[f"eval_{name}_loss"] = loss
             out[f"eval_{name}_ppl"] = math.exp(min(loss, 50.0))
-    fm.set_deltas(None)
-    return out
-
-
-def _evaluate_rouge(fm: FederatedModel, strategy: Strategy, tokenizer, rouge_sets, pad_id, max_new_tokens) -> dict:
-    fm.load_zero_adapter()
-    fm.set_deltas(strategy.global_deltas())
-    out = {f"eval_{name}_rougeL": rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens)
-           for name, picked in rouge_sets.items() if picked}
+    for name, picked in rouge_sets.items():
+        if picked:
+            out[f"eval_{name}_rougeL"] = rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens)
     fm.set_deltas(None)
     return out
 
