@@ -68,7 +68,7 @@ def make_round(fm: FederatedModel, n: int, vocab: int, seed: int = 0):
 
 
 def local_round(fm, pad, clients, ranks, starts, batched: bool):
-    fm.load_clients(starts, ranks)
+    fm.load_clients(starts)
     streams = [ExampleStream(c.train, seed=k) for k, c in enumerate(clients)]
     plan = LocalPlan(steps=[LOCAL_STEPS] * len(clients), batch_size=BATCH_SIZE, lr=1e-3, batched=batched)
     train_clients(fm, clients, streams, plan, pad)

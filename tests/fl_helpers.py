@@ -14,15 +14,17 @@ SHAPES = {  # two modules share a shape (batched ops path), one is rectangular
 
 
 def random_update(cid: str, rank: int, shapes=SHAPES, *, n: int = 10, alpha: float | None = None, seed: int = 0,
-                  dtype=torch.float32, use_rslora: bool = False) -> ClientUpdate:
-    """Nonzero Gaussian factors; alpha defaults to 2 * rank (scaling 2)."""
+                  dtype=torch.float32, use_rslora: bool = False, module_ranks=None) -> ClientUpdate:
+    """Nonzero Gaussian factors; alpha defaults to 2 * (module) rank (scaling 2).
+
+    module_ranks: name -> rank for modules that train below ``rank`` (per-module ranks)."""
     gen = torch.Generator().manual_seed(seed)
-    alpha = 2.0 * rank if alpha is None else alpha
     mods = {}
     for name, (d_out, d_in) in shapes.items():
-        a = torch.randn(rank, d_in, generator=gen, dtype=torch.float64) / d_in**0.5
-        b = torch.randn(d_out, rank, generator=gen, dtype=torch.float64) / rank**0.5
-        mods[name] = (a.to(dtype), b.to(dtype), alpha)
+        r = (module_ranks or {}).get(name, rank)
+        a = torch.randn(r, d_in, generator=gen, dtype=torch.float64) / d_in**0.5
+        b = torch.randn(d_out, r, generator=gen, dtype=torch.float64) / r**0.5
+        mods[name] = (a.to(dtype), b.to(dtype), 2.0 * r if alpha is None else alpha)
     return ClientUpdate(cid, n, rank, mods, use_rslora)
 
 
@@ -45,7 +47,7 @@ def weighted_delta64(updates, name, weights=None) -> torch.Tensor:
     out = 0
     for u, w in zip(updates, weights):
         a, b, alpha = u.modules[name]
-        out = out + w * product64(a, b, lora_scaling(alpha, u.rank, u.use_rslora))
+        out = out + w * product64(a, b, lora_scaling(alpha, a.shape[0], u.use_rslora))
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 from fedlora.cli import main
 from fedlora.data import ClientDataset, FederatedData, collate, load_model, make_example
 from fedlora.federated import simulation
+from fedlora.federated.ranks import module_ranks
 from fedlora.federated.simulation import simulate
 from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
 from fedlora.strategies import FLoRA, FlexLoRA
@@ -71,8 +72,9 @@ def final_strategy(out: Path):
     return strategy
 
 
-def check_exported_adapter(out: Path, export_rank: int, model_spec) -> None:
-    """PEFT's model from the exported adapter == base + the global delta truncated (float64 SVD) to export_rank."""
+def check_exported_adapter(out: Path, export_rank: int | dict[str, int], model_spec) -> None:
+    """PEFT's model from the exported adapter == base + the global delta truncated (float64 SVD) to export_rank
+    (a module name -> rank mapping for per-module ranks)."""
     from peft import PeftModel
 
     strategy = final_strategy(out)
@@ -84,7 +86,7 @@ def check_exported_adapter(out: Path, export_rank: int, model_spec) -> None:
     with torch.no_grad():
         for name, delta in deltas.items():
             U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-            k = min(export_rank, S.numel())
+            k = min(export_rank[name] if isinstance(export_rank, dict) else export_rank, S.numel())
             trunc = (U[:, :k] * S[:k]) @ Vh[:k]
             truncated_norm += trunc.norm().item()
             layer = reference.get_submodule(name)
@@ -184,37 +186,41 @@ STEPS = [3, 1, 2]  # clients finish at different steps and drop out of the batch
 LR, WD = 1e-2, 0.01
 
 
-def _round_setup(train_A: bool = True, optimizer: str = "adamw"):
-    """A tiny model wrapped for a round, a FlexLoRA global with nonzero B, 3 clients' starting factors."""
+def _round_setup(train_A: bool = True, optimizer: str = "adamw", pattern=None):
+    """A tiny model wrapped for a round, a FlexLoRA global with nonzero B, 3 clients' starting factors
+    (per-module ranks from ``pattern``, PEFT's rank_pattern semantics)."""
     model, tok = load_model(TINY, seed=0)
     fm = FederatedModel(model, TARGETS)
     strategy = FlexLoRA()
     strategy.init_global(fm.module_shapes, rank=8)
     strategy.aggregate([random_update(f"u{i}", 8, fm.module_shapes, seed=i) for i in range(2)])
     clients = synthetic_clients(3)
-    starts = [strategy.distribute(r, client_id=c.client_id, alpha=a) for c, r, a in zip(clients, RANKS, ALPHAS)]
+    starts = [strategy.distribute(r, client_id=c.client_id, alpha=a,
+                                  module_ranks=module_ranks(r, fm.module_shapes, pattern))
+              for c, r, a in zip(clients, RANKS, ALPHAS)]
     plan = LocalPlan(steps=STEPS, batch_size=2, lr=LR, lr_schedule="linear", weight_decay=WD, train_A=train_A,
                      optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0)
     return fm, tok.pad_token_id, clients, starts, plan
 
 
-def _train_fedlora(batched: bool, train_A: bool = True, optimizer: str = "adamw"):
-    fm, pad, clients, starts, plan = _round_setup(train_A, optimizer)
+def _train_fedlora(batched: bool, train_A: bool = True, optimizer: str = "adamw", pattern=None):
+    fm, pad, clients, starts, plan = _round_setup(train_A, optimizer, pattern)
     plan.batched = batched
-    fm.load_clients(starts, RANKS)
+    fm.load_clients(starts)
     streams = [ExampleStream(c.train, seed=100 + k) for k, c in enumerate(clients)]
     losses = train_clients(fm, clients, streams, plan, pad)
     assert [len(x) for x in losses] == STEPS
     return [fm.client_factors(k, {n: f[2] for n, f in starts[k].items()}) for k in range(3)], starts
 
 
-def _train_peft(k: int, starts, clients, pad, optimizer: str):
+def _train_peft(k: int, starts, clients, pad, optimizer: str, pattern=None):
     """Client k alone with stock PEFT + torch AdamW, the same micro-batches in the same order."""
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_model(TINY, seed=0)
+    peft_pattern = {key: max(1, round(f * RANKS[k])) for key, f in (pattern or {}).items()}
     peft_model = get_peft_model(model, LoraConfig(r=RANKS[k], lora_alpha=ALPHAS[k], target_modules=TARGETS,
-                                                  lora_dropout=0.0))
+                                                  rank_pattern=peft_pattern, lora_dropout=0.0))
     with torch.no_grad():
         for name, (A, B, _) in starts[k].items():
             layer = peft_model.base_model.model.get_submodule(name)
@@ -245,14 +251,17 @@ def _max_diff(a_factors, b_factors) -> float:
                                                                                 b_factors[name][:2]))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_batched_round_equals_peft_per_client(optimizer):
-    got, starts = _train_fedlora(batched=True, optimizer=optimizer)
+@pytest.mark.parametrize("optimizer, pattern", [("adamw", None), ("sgd", None), ("adamw", {"v_proj": 0.5})],
+                         ids=["adamw", "sgd", "adamw-per-module-ranks"])
+def test_batched_round_equals_peft_per_client(optimizer, pattern):
+    got, starts = _train_fedlora(batched=True, optimizer=optimizer, pattern=pattern)
     _, pad, clients, _, _ = _round_setup()
     worst = 0.0
     for k in range(3):
-        ref = _train_peft(k, starts, clients, pad, optimizer)
+        ref = _train_peft(k, starts, clients, pad, optimizer, pattern)
         for name, (A, B) in ref.items():
+            want_rank = max(1, round(RANKS[k] * pattern["v_proj"])) if pattern and "v_proj" in name else RANKS[k]
+            assert A.shape[0] == got[k][name][0].shape[0] == want_rank
             assert not torch.equal(A, starts[k][name][0]) and not torch.equal(B, starts[k][name][1])
             torch.testing.assert_close(got[k][name][0], A, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(got[k][name][1], B, rtol=1e-4, atol=1e-6)
@@ -392,3 +401,39 @@ def test_bad_clients_are_rejected_and_the_round_goes_on(tmp_path):
     kept = FlexLoRA()
     kept.load(tmp_path / "checkpoints" / "round-0000" / "strategy.safetensors")
     assert_same_state(res.strategy, kept)
+
+
+# ------------------------------------------------------------ per-module ranks
+def test_per_module_ranks_end_to_end(tmp_path):
+    """rank_pattern: v_proj at half the client's rank, one q_proj at an absolute rank 3."""
+    pattern = {"v_proj": 0.5, r"layers\.1\.self_attn\.q_proj": 3}
+    seen = []
+
+    def hook(update):
+        seen.append(update)
+        return update
+
+    res = simulate(dict(model=TINY, target_modules=TARGETS, rounds=2, clients_per_round=4, local_steps=2, lr=2e-2,
+                        rank_levels=[2, 4, 8], rank_pattern=pattern, strategy="flexlora", export_rank=8,
+                        output_dir=str(tmp_path), progress=False), data=synthetic_data(6), update_hook=hook)
+
+    def expected(rank, name):
+        return 3 if "layers.1.self_attn.q_proj" in name else max(1, round(rank / 2)) if "v_proj" in name else rank
+
+    assert len(seen) == 8
+    for u in seen:
+        client_rank = res.client_ranks[u.client_id]
+        assert u.module_ranks() == {n: expected(client_rank, n) for n in u.modules}
+        assert u.rank == max(u.module_ranks().values())
+        for name in u.modules:  # each module's scaling uses its own rank (alpha = 2 r_m)
+            assert u.scaling(name) == pytest.approx(2.0)
+    # FlexLoRA keeps each module's top-K with K its largest rank among the last round's clients.
+    last = [u for u in seen[-4:]]
+    for name in seen[0].modules:
+        assert res.strategy._tensors[f"{name}.S"].numel() == max(u.module_rank(name) for u in last)
+    metrics = read_metrics(tmp_path)
+    assert all(m["state_changed"] and not m["rejected"] for m in metrics)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    export = {n: expected(8, n) for n in seen[0].modules}
+    assert config["r"] == 8 and sorted(config["rank_pattern"].values()) == sorted(r for r in export.values() if r != 8)
+    check_exported_adapter(tmp_path, export, TINY)

@@ -97,11 +97,12 @@ def _with(upd, name, a=None, b=None, alpha=None):
     (lambda u: _with(u, Q, a=u.modules[Q][0].clone().index_fill_(1, torch.tensor([3]), float("nan"))),
      "q_proj: A has non-finite values"),
     (lambda u: _with(u, Q, b=u.modules[Q][1].clone().fill_(float("inf"))), "q_proj: B has non-finite values"),
-    (lambda u: _with(u, Q, a=torch.ones(4, 41)), r"A has shape \(4, 41\), expected \(4, 40\)"),
+    (lambda u: _with(u, Q, a=torch.ones(4, 41)), r"A has shape \(4, 41\), expected \(r, 40\)"),
     (lambda u: _with(u, Q, b=torch.ones(48, 3)), r"B has shape \(48, 3\), expected \(48, 4\)"),
     (lambda u: u.modules.pop(Q) and u, r"missing modules \['model.layers.0.self_attn.q_proj'\]"),
     (lambda u: u.modules.update(extra=u.modules[Q]) or u, r"unexpected modules \['extra'\]"),
-    (lambda u: setattr(u, "rank", 5) or u, r"A has shape \(4, \d+\), expected \(5, \d+\) for rank 5"),
+    (lambda u: setattr(u, "rank", 3) or u, r"A has shape \(4, \d+\), expected \(r, \d+\) with 1 <= r <= the client's rank 3"),
+    (lambda u: _with(u, Q, a=torch.ones(0, 40), b=torch.ones(48, 0)), r"A has shape \(0, 40\)"),
     (lambda u: setattr(u, "num_examples", 0) or u, "num_examples must be a positive int"),
     (lambda u: _with(u, Q, alpha=float("nan")), "alpha must be a finite number > 0"),
     (lambda u: setattr(u, "client_id", "") or u, "client_id must be a non-empty string"),
@@ -114,7 +115,8 @@ def test_validation_names_the_problem(mutate, reason):
 
 def test_validation_rank_rule_and_norm_bound():
     upd = random_update("c", 4)
-    assert validate_update(upd, SHAPES, rank_check=lambda r: None if r == 8 else "wrong rank") == "wrong rank"
+    got = validate_update(upd, SHAPES, rank_check=lambda r, name: None if r == 8 else f"wrong rank {r}")
+    assert got.endswith(": wrong rank 4") and got.split(":")[0] in SHAPES
     norm = update_norm(upd)
     assert validate_update(upd, SHAPES, max_norm=norm * 1.001) is None
     assert "exceeds the bound" in validate_update(upd, SHAPES, max_norm=norm * 0.999)

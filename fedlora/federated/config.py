@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.federated.ranks import check_rank_pattern
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -59,7 +61,9 @@ class SimConfig:
     rank_distribution: str = "uniform"
     rank_levels: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     client_ranks: list[int] = field(default_factory=list)  # rank_distribution = "list"
-    lora_alpha: float = 0.0  # 0: alpha = 2 * rank for every client
+    lora_alpha: float = 0.0  # 0: alpha = 2 * rank for every client (and module)
+    # per-module ranks: module-name regex (whole name or dotted suffix) -> int rank or fraction of the client's rank
+    rank_pattern: dict[str, int | float] = field(default_factory=dict)
     # strategy
     strategy: str = "flexlora"
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +103,10 @@ class SimConfig:
             need(bool(self.client_ranks) and all(r >= 1 for r in self.client_ranks),
                  "rank_distribution='list' needs client_ranks, each >= 1")
         need(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+        try:
+            check_rank_pattern(self.rank_pattern)
+        except ValueError as exc:
+            need(False, str(exc))
         return self
 
     # ------------------------------------------------------------- loading

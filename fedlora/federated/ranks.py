@@ -9,10 +9,16 @@ are exact rather than sampled:
   heavy_tail   share of level i proportional to 2^-i: most clients small
   normal       a discretized normal over the levels: most clients in the middle
   list         the explicit per-client ranks given
+
+Per-module ranks (``rank_pattern``, PEFT's name): a pattern maps the modules it
+matches to an absolute rank (an int) or to a fraction of the client's rank (a
+float in (0, 1]), so e.g. the MLP can train at half the client's attention rank.
 """
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -50,3 +56,36 @@ def assign_ranks(num_clients: int, distribution: str, levels, seed: int = 0, exp
     ranks = [r for r, c in zip(levels, counts) for _ in range(c)]
     np.random.default_rng(seed).shuffle(ranks)
     return [int(r) for r in ranks]
+
+
+def check_rank_pattern(pattern: Mapping[str, object]) -> None:
+    """ValueError naming the first bad entry of a rank_pattern."""
+    for key, value in pattern.items():
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ValueError(f"rank_pattern key {key!r} is not a regular expression: {exc}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"rank_pattern[{key!r}] must be an int rank or a float fraction, got {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"rank_pattern[{key!r}] = {value}: an absolute rank must be >= 1")
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"rank_pattern[{key!r}] = {value}: a fraction of the client's rank must be in (0, 1]")
+
+
+def pattern_key(pattern: Mapping[str, object], module: str) -> str | None:
+    """The first key of ``pattern`` that matches ``module``: the whole name or a dotted suffix of it."""
+    for key in pattern:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
+            return key
+    return None
+
+
+def module_ranks(rank: int, modules: Iterable[str], pattern: Mapping[str, object] | None) -> dict[str, int]:
+    """The rank of each module of a client of ``rank``: ``rank`` unless a pattern entry matches it."""
+    out = {}
+    for module in modules:
+        key = pattern_key(pattern, module) if pattern else None
+        value = rank if key is None else pattern[key]
+        out[module] = int(value) if isinstance(value, int) else max(1, round(float(value) * rank))
+    return out

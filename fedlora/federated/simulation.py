@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,7 +29,7 @@ from fedlora.data import FederatedData, load_instructions, load_model, load_shak
 from fedlora.data.instructions import partition_by_field
 from fedlora.federated.config import SimConfig
 from fedlora.federated.generation import pick_examples, rouge_l
-from fedlora.federated.ranks import assign_ranks
+from fedlora.federated.ranks import assign_ranks, module_ranks
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, evaluate_loss, train_clients
 from fedlora.federated.update import ClientUpdate, atomic_write
@@ -90,19 +91,25 @@ def load_data(cfg: SimConfig, tokenizer) -> FederatedData:
 
 
 def make_strategy(cfg: SimConfig, module_shapes, ranks: list[int], device) -> Strategy:
+    """The configured strategy, initialised at the global rank of every module.
+
+    The global rank of a module is its largest client rank (FedAvg: the smallest,
+    which bucket mode trains everyone at).
+    """
     options = dict(cfg.strategy_options)
     strategy = _STRATEGIES[cfg.strategy](use_rslora=cfg.use_rslora, seed=cfg.seed, **options)
+    per_client = [module_ranks(r, module_shapes, cfg.rank_pattern) for r in ranks]
+    pick = min if cfg.strategy == "fedavg" else max
     if cfg.strategy == "fedavg":
-        if len(set(ranks)) > 1 and options.get("heterogeneous", "refuse") != "bucket":
+        distinct = {tuple(sorted(m.items())) for m in per_client}
+        if len(distinct) > 1 and options.get("heterogeneous", "refuse") != "bucket":
             raise ValueError(
-                f"config: FedAvg averages A and B separately, so every client needs one rank, but the ranks are "
-                f"{sorted(set(ranks))}; use rank_distribution='homogeneous' or "
+                f"config: FedAvg averages A and B separately, so every client needs one rank per module, but the "
+                f"ranks are {sorted(set(ranks))}; use rank_distribution='homogeneous' or "
                 "--strategy_options.heterogeneous bucket (everyone trains at the smallest rank)"
             )
-        global_rank = min(ranks)
-    else:
-        global_rank = max(ranks)
-    strategy.init_global(module_shapes, rank=global_rank)
+    global_modules = {name: pick(m[name] for m in per_client) for name in module_shapes}
+    strategy.init_global(module_shapes, rank=pick(ranks), module_ranks=global_modules)
     return strategy
 
 
@@ -258,9 +265,14 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
 def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, rank_of, pad_id, update_hook):
     ids = [c.client_id for c in sampled]
     ranks = [rank_of[c] for c in ids]
-    starts = [strategy.distribute(r, client_id=cid, alpha=_alpha(cfg, r)) for cid, r in zip(ids, ranks)]
-    served = [next(iter(f.values()))[0].shape[0] for f in starts]  # FedAvg's bucket mode may serve less
-    fm.load_clients(starts, served)
+    starts = []
+    for cid, r in zip(ids, ranks):
+        per_module = module_ranks(r, fm.module_shapes, cfg.rank_pattern)
+        starts.append(strategy.distribute(r, client_id=cid, module_ranks=per_module,
+                                          alpha={n: _alpha(cfg, rm) for n, rm in per_module.items()}))
+    # FedAvg's bucket mode may serve less than asked; a client's rank is its largest module rank.
+    served = [max(a.shape[0] for a, _, _ in f.values()) for f in starts]
+    fm.load_clients(starts)
     fm.set_deltas(strategy.global_deltas() if isinstance(strategy, FLoRA) else None)
     streams = [ExampleStream(c.train, stable_seed(cfg.seed, "data", round_idx, c.client_id)) for c in sampled]
     plan = LocalPlan(steps=[_local_steps(cfg, c.num_examples) for c in sampled], batch_size=cfg.batch_size,
@@ -299,6 +311,7 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
         "round": round_idx,
         "clients": ids,
         "ranks": ranks,
+        "trained_ranks": served,
         "accepted": result.accepted,
         "rejected": {**failed, **result.rejected},
         "state_changed": result.changed,
@@ -383,26 +396,33 @@ def _plot(metrics: list[dict], path: Path) -> None:
 def export_peft_adapter(strategy: Strategy, fm: FederatedModel, path: Path, rank: int, cfg: SimConfig) -> Path:
     """Save the global update as a PEFT LoRA adapter of ``rank`` (best rank-r approximation per module).
 
-    lora_alpha = rank, so PEFT's scaling is 1 and B A is the truncated update.
+    With ``cfg.rank_pattern`` each module gets the rank the pattern gives a
+    client of ``rank`` (PEFT's rank_pattern). lora_alpha = the module's rank, so
+    PEFT's scaling is 1 and B A is the truncated update.
     Loadable with ``PeftModel.from_pretrained(base_model, path)``.
     """
     from peft import LoraConfig
     from safetensors.torch import save as st_save
 
     tensors = {}
+    per_module = module_ranks(rank, strategy.module_shapes, cfg.rank_pattern)
     for name, delta in strategy.global_deltas().items():
-        k = min(rank, *delta.shape)
+        rank_m = per_module[name]
+        k = min(rank_m, *delta.shape)
         U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
         root = S[:k].sqrt()
         B = (U[:, :k] * root).float().contiguous()
         A = (root[:, None] * Vh[:k]).float().contiguous()
-        if k < rank:  # keep every module at the declared rank
-            A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
-            B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
+        if k < rank_m:  # keep every module at the declared rank
+            A = torch.cat([A, A.new_zeros(rank_m - k, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], rank_m - k)], dim=1)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A
         tensors[f"base_model.model.{name}.lora_B.weight"] = B
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))
-    LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cfg.target_modules), lora_dropout=0.0,
+    # Exact module names as patterns; PEFT matches a pattern at the end of the name.
+    pattern = {re.escape(n): r for n, r in per_module.items() if r != rank}
+    LoraConfig(r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=dict(pattern),
+               target_modules=list(cfg.target_modules), lora_dropout=0.0,
                use_rslora=False, task_type="CAUSAL_LM",
                base_model_name_or_path=str(cfg.model)).save_pretrained(str(tmp))
     (tmp / "adapter_model.safetensors").write_bytes(st_save(tensors, metadata={"format": "pt"}))

@@ -69,11 +69,11 @@ class FederatedModel:
     def banks(self) -> list[AdapterBank]:
         return [lora.bank for _, lora in self.layers.values()]
 
-    def load_clients(self, factors: Sequence[Factors], ranks: Sequence[int]) -> None:
-        """One adapter per client: client k's (A, B, alpha) of every module."""
+    def load_clients(self, factors: Sequence[Factors]) -> None:
+        """One adapter per client: client k's (A, B, alpha) of every module, each at its own rank."""
         for name, (_, lora) in self.layers.items():
             pairs = [(f[name][0], f[name][1]) for f in factors]
-            scalings = [lora_scaling(float(f[name][2]), r, self.use_rslora) for f, r in zip(factors, ranks)]
+            scalings = [lora_scaling(float(f[name][2]), f[name][0].shape[0], self.use_rslora) for f in factors]
             lora.bank = AdapterBank.from_factors(pairs, scalings).to(device=lora.bank.device, dtype=lora.bank.dtype)
 
     def client_factors(self, k: int, alpha_of: Mapping[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

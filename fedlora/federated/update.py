@@ -3,7 +3,8 @@
 Wire format: one safetensors blob. Tensors are named ``{module}.lora_A`` [r, d_in]
 and ``{module}.lora_B`` [d_out, r] (peft's names); the safetensors metadata
 holds one JSON header under ``fedlora.update`` with the client id, number of
-examples, rank, rsLoRA flag and the alpha of each module. Loading parses that
+examples, rank, rsLoRA flag and the alpha of each module. A module's rank is
+the row count of its A, so modules may carry different ranks (per-module ranks). Loading parses that
 header with ``json`` and the tensors with safetensors: nothing is unpickled.
 """
 from __future__ import annotations
@@ -31,8 +32,10 @@ _A, _B = ".lora_A", ".lora_B"
 class ClientUpdate:
     """What one client sends back after a round of local training.
 
-    ``modules`` maps a module name to ``(A [rank, d_in], B [d_out, rank], alpha)``;
-    the module's contribution to the weight is ``scaling(alpha) * B @ A``.
+    ``modules`` maps a module name to ``(A [r_m, d_in], B [d_out, r_m], alpha)``;
+    the module's contribution to the weight is ``scaling(name) * B @ A``.
+    ``rank`` is the client's rank: every module trains at it unless the run
+    gives modules their own (smaller or equal) ranks r_m, as PEFT's rank_pattern.
     """
 
     client_id: str
@@ -42,9 +45,16 @@ class ClientUpdate:
     use_rslora: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def module_rank(self, name: str) -> int:
+        """The rank module ``name`` trained at: the rows of its A."""
+        return int(self.modules[name][0].shape[0])
+
+    def module_ranks(self) -> dict[str, int]:
+        return {name: self.module_rank(name) for name in self.modules}
+
     def scaling(self, name: str) -> float:
-        """The client's LoRA scaling for ``name``: alpha / r (alpha / sqrt(r) with rsLoRA)."""
-        return lora_scaling(float(self.modules[name][2]), self.rank, self.use_rslora)
+        """The LoRA scaling of ``name``: alpha / r_m (alpha / sqrt(r_m) with rsLoRA), r_m its own rank."""
+        return lora_scaling(float(self.modules[name][2]), self.module_rank(name), self.use_rslora)
 
     # ------------------------------------------------------------ serialization
     def to_bytes(self) -> bytes:

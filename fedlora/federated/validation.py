@@ -23,13 +23,13 @@ def validate_update(
     update: ClientUpdate,
     module_shapes: Mapping[str, tuple[int, int]],
     *,
-    rank_check: Callable[[int], str | None] | None = None,
+    rank_check: Callable[[int, str], str | None] | None = None,
     max_norm: float | None = None,
 ) -> str | None:
     """Why ``update`` must be rejected, or None when it is valid.
 
     module_shapes: name -> (d_out, d_in) of the global model's adapted modules.
-    rank_check: the strategy's rule for which ranks it accepts.
+    rank_check: the strategy's rule for which rank a module may carry: (rank, module name) -> reason.
     max_norm: optional bound on :func:`update_norm`.
     """
     if not isinstance(update, ClientUpdate):
@@ -40,8 +40,6 @@ def validate_update(
         return f"num_examples must be a positive int, got {update.num_examples!r}"
     if isinstance(update.rank, bool) or not isinstance(update.rank, int) or update.rank < 1:
         return f"rank must be an int >= 1, got {update.rank!r}"
-    if rank_check is not None and (reason := rank_check(update.rank)) is not None:
-        return reason
 
     names, expected = set(update.modules), set(module_shapes)
     if names != expected:
@@ -52,7 +50,6 @@ def validate_update(
             parts.append(f"unexpected modules {sorted(names - expected)}")
         return "; ".join(parts)
 
-    r = update.rank
     for name in sorted(names):
         entry = update.modules[name]
         if not isinstance(entry, tuple) or len(entry) != 3:
@@ -63,10 +60,14 @@ def validate_update(
         if not (a.is_floating_point() and b.is_floating_point()):
             return f"{name}: A and B must be floating point, got {a.dtype} and {b.dtype}"
         d_out, d_in = module_shapes[name]
-        if tuple(a.shape) != (r, d_in):
-            return f"{name}: A has shape {tuple(a.shape)}, expected ({r}, {d_in}) for rank {r}"
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or a.shape[1] != d_in or not 1 <= r <= update.rank:
+            return (f"{name}: A has shape {tuple(a.shape)}, expected (r, {d_in}) with 1 <= r <= the client's "
+                    f"rank {update.rank}")
         if tuple(b.shape) != (d_out, r):
-            return f"{name}: B has shape {tuple(b.shape)}, expected ({d_out}, {r}) for rank {r}"
+            return f"{name}: B has shape {tuple(b.shape)}, expected ({d_out}, {r}) to match A's rank {r}"
+        if rank_check is not None and (reason := rank_check(r, name)) is not None:
+            return f"{name}: {reason}"
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             return f"{name}: alpha must be a finite number > 0, got {alpha!r}"
         if not torch.isfinite(a).all():

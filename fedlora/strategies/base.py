@@ -9,12 +9,15 @@ Conventions every strategy follows:
 * ``distribute(rank, alpha=a)`` returns factors (A, B, a) with
   lora_scaling(a, rank) * B @ A equal to the product the strategy intends that
   client to start from; B is divided by the client's scaling to make that so.
+* Per-module ranks: a module may train at its own rank r_m (``distribute(...,
+  module_ranks=...)``, ``init_global(..., module_ranks=...)`` for the global
+  one); every rule above then holds per module with r_m in place of the rank.
 * p_k = n_k / sum_j n_j over the round's accepted updates unless a strategy
   says otherwise.
 
 A new rule subclasses :class:`Strategy`, keeps its tensors in ``self._tensors``
 (saved and loaded for it) and implements ``_init_state``, ``_aggregate`` and
-``_distribute``; ``_rank_check``/``_check_update``/``_weights`` are optional.
+``_distribute``; ``_served_rank``/``_rank_check``/``_check_update`` are optional.
 """
 from __future__ import annotations
 
@@ -81,18 +84,20 @@ class Strategy:
         self.device = torch.device(device)
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.rank: int | None = None
+        self.module_ranks: dict[str, int] = {}  # the global rank of each module (when there is one)
         self.alpha: float | None = None
         self.round = 0
         self._tensors: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ public
     def init_global(self, module_shapes: Mapping[str, tuple[int, int]], rank: int | None = None,
-                    alpha: float | None = None) -> None:
+                    alpha: float | None = None, module_ranks: Mapping[str, int] | None = None) -> None:
         """Start a fresh global state.
 
         module_shapes: module name -> (d_out, d_in).
         rank: the strategy's global rank (see each strategy for what it means).
         alpha: the default alpha of distributed factors (None: alpha = the client's rank, scaling 1).
+        module_ranks: the global rank of some modules when it differs from ``rank`` (per-module ranks).
         """
         shapes = {}
         for name, shape in module_shapes.items():
@@ -106,27 +111,36 @@ class Strategy:
             raise ValueError(f"rank must be an int >= 1, got {rank}")
         if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        if module_ranks and rank is None:
+            raise ValueError("module_ranks needs rank= as well (the rank of the modules it does not name)")
         self.module_shapes = shapes
+        self.module_ranks = {} if rank is None else _resolve_ranks(shapes, int(rank), module_ranks)
         self.rank = None if rank is None else int(rank)
         self.alpha = None if alpha is None else float(alpha)
         self.round = 0
         self._tensors = {}
         self._init_state()
 
-    def distribute(self, rank: int, client_id: str | None = None, alpha: float | None = None) -> Factors:
+    def distribute(self, rank: int, client_id: str | None = None, alpha: float | Mapping[str, float] | None = None,
+                   module_ranks: Mapping[str, int] | None = None) -> Factors:
         """The starting factors of a client that can train at ``rank``: name -> (A [r, d_in], B [d_out, r], alpha).
 
-        r is ``rank`` except where a strategy serves another (FedAvg's bucket mode).
+        r is ``rank``, or ``module_ranks[name]`` for the modules that mapping names,
+        except where a strategy serves another (FedAvg's bucket mode).
+        alpha: one for every module, a mapping name -> alpha, or None (each module's default).
         """
         self._require_init()
-        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank}")
-        rank = self._served_rank(int(rank))
-        alpha = self._default_alpha(rank) if alpha is None else float(alpha)
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be finite and > 0, got {alpha}")
-        factors = self._distribute(rank, alpha, client_id)
-        return {name: (a, b, alpha) for name, (a, b) in factors.items()}
+        ranks = _resolve_ranks(self.module_shapes, rank, module_ranks)
+        served = {name: self._served_rank(r, name) for name, r in ranks.items()}
+        alphas = {}
+        for name, r in served.items():
+            a = alpha.get(name) if isinstance(alpha, Mapping) else alpha
+            a = self._default_alpha(r) if a is None else float(a)
+            if not (math.isfinite(a) and a > 0):
+                raise ValueError(f"alpha of {name!r} must be finite and > 0, got {a}")
+            alphas[name] = a
+        factors = self._distribute(served, alphas, client_id)
+        return {name: (a, b, alphas[name]) for name, (a, b) in factors.items()}
 
     def aggregate(self, updates: Iterable[ClientUpdate]) -> AggregationResult:
         """Validate ``updates``, aggregate the valid ones into the global state."""
@@ -175,6 +189,7 @@ class Strategy:
         self._require_init()
         meta = {
             "version": FORMAT_VERSION, "strategy": self.name, "round": self.round, "rank": self.rank,
+            "module_ranks": self.module_ranks,
             "alpha": self.alpha, "seed": self.seed, "use_rslora": self.use_rslora,
             "dtype": str(self.dtype).removeprefix("torch."),
             "module_shapes": {n: list(s) for n, s in self.module_shapes.items()},
@@ -191,6 +206,9 @@ class Strategy:
         self.module_shapes = {n: (int(s[0]), int(s[1])) for n, s in meta["module_shapes"].items()}
         self.round = int(meta["round"])
         self.rank = None if meta["rank"] is None else int(meta["rank"])
+        self.module_ranks = {n: int(r) for n, r in (meta.get("module_ranks") or {}).items()}
+        if self.rank is not None and not self.module_ranks:
+            self.module_ranks = dict.fromkeys(self.module_shapes, self.rank)
         self.alpha = None if meta["alpha"] is None else float(meta["alpha"])
         self.seed = int(meta["seed"])
         self.use_rslora = bool(meta["use_rslora"])
@@ -224,14 +242,17 @@ class Strategy:
         """Fold valid, state-dtype updates into ``self._tensors``; weights are p_k (sum 1, float64)."""
         raise NotImplementedError
 
-    def _distribute(self, rank: int, alpha: float, client_id: str | None) -> dict[str, tuple]:
+    def _distribute(self, ranks: Mapping[str, int], alphas: Mapping[str, float],
+                    client_id: str | None) -> dict[str, tuple]:
+        """name -> (A [ranks[name], d_in], B) for every module, B already divided by the module's scaling."""
         raise NotImplementedError
 
-    def _served_rank(self, rank: int) -> int:
-        """The rank a client asking for ``rank`` actually trains at (raise if none)."""
+    def _served_rank(self, rank: int, name: str) -> int:
+        """The rank module ``name`` of a client asking for ``rank`` actually trains at (raise if none)."""
         return rank
 
-    def _rank_check(self, rank: int) -> str | None:
+    def _rank_check(self, rank: int, name: str) -> str | None:
+        """Why an update's module ``name`` of rank ``rank`` is unacceptable, or None."""
         return None
 
     def _check_update(self, update: ClientUpdate) -> str | None:
@@ -264,12 +285,10 @@ class Strategy:
         return ClientUpdate(u.client_id, u.num_examples, u.rank, mods, u.use_rslora, dict(u.metrics))
 
     def _privatize(self, u: ClientUpdate) -> ClientUpdate:
-        # The public reference is what this strategy handed the client this round;
-        # modules may carry different alphas, so fetch it once per alpha.
-        reference = {}
-        for alpha in {float(m[2]) for m in u.modules.values()}:
-            start = self.distribute(u.rank, u.client_id, alpha)
-            reference.update({n: start[n][:2] for n, m in u.modules.items() if float(m[2]) == alpha})
+        # The public reference is what this strategy handed the client this round.
+        start = self.distribute(u.rank, u.client_id, alpha={n: m[2] for n, m in u.modules.items()},
+                                module_ranks=u.module_ranks())
+        reference = {n: f[:2] for n, f in start.items()}
         return privatize(u, reference, self.dp, round_idx=self.round, trainable=self.trainable)
 
     def _fresh_A(self, name: str, rank: int, *tag) -> torch.Tensor:
@@ -291,31 +310,37 @@ class Strategy:
 class TruncatedFactors(Strategy):
     """Global factors (A_g [R, d_in], B_g [d_out, R]) per module with product B_g A_g
     (scale-free); a rank-r client starts from A_g[:r] and B_g[:, :r]. R is
-    ``init_global(rank=R)``; A_g starts seeded, B_g at zero (PEFT's init)."""
+    ``init_global(rank=R)`` (per module: ``module_ranks``); A_g starts seeded, B_g
+    at zero (PEFT's init)."""
 
     def _init_state(self) -> None:
         if self.rank is None:
             raise ValueError(f"{type(self).__name__}.init_global needs rank= (the global rank R)")
-        for name in self.module_shapes:
-            self._tensors[f"{name}.A"] = self._fresh_A(name, self.rank, "init")
-            self._tensors[f"{name}.B"] = self._zeros_B(name, self.rank)
+        for name, rank in self.module_ranks.items():
+            self._tensors[f"{name}.A"] = self._fresh_A(name, rank, "init")
+            self._tensors[f"{name}.B"] = self._zeros_B(name, rank)
 
     def global_delta(self, name: str) -> torch.Tensor:
         self._require_init()
         return self._tensors[f"{name}.B"] @ self._tensors[f"{name}.A"]
 
-    def _rank_check(self, rank: int) -> str | None:
-        return None if rank <= self.rank else f"rank {rank} exceeds the global rank {self.rank}"
+    def _rank_check(self, rank: int, name: str) -> str | None:
+        limit = self.module_ranks[name]
+        return None if rank <= limit else f"rank {rank} exceeds the global rank {limit}"
 
-    def _served_rank(self, rank: int) -> int:
-        if rank > self.rank:
-            raise ValueError(f"{type(self).__name__}'s global rank is {self.rank}; a client cannot train at rank {rank}")
+    def _served_rank(self, rank: int, name: str) -> int:
+        limit = self.module_ranks[name]
+        if rank > limit:
+            raise ValueError(f"{type(self).__name__}'s global rank of {name} is {limit}; a client cannot train it "
+                             f"at rank {rank}")
         return rank
 
-    def _distribute(self, rank, alpha, client_id):
-        s = self._scaling(alpha, rank)
-        return {n: (self._tensors[f"{n}.A"][:rank].clone(), self._tensors[f"{n}.B"][:, :rank] / s)
-                for n in self.module_shapes}
+    def _distribute(self, ranks, alphas, client_id):
+        out = {}
+        for n, r in ranks.items():
+            s = self._scaling(alphas[n], r)
+            out[n] = (self._tensors[f"{n}.A"][:r].clone(), self._tensors[f"{n}.B"][:, :r] / s)
+        return out
 
 
 def padded_factor_average(updates: Sequence[ClientUpdate], name: str, weights: Sequence[float], rank: int,
@@ -330,8 +355,24 @@ def padded_factor_average(updates: Sequence[ClientUpdate], name: str, weights: S
     B = torch.zeros(b0.shape[0], rank, dtype=b0.dtype, device=b0.device)
     for u, w in zip(updates, weights):
         a, b, _ = u.modules[name]
-        r = u.rank
+        r = a.shape[0]
         if with_A:
             A[:r].add_(a, alpha=float(w))
         B[:, :r].add_(b, alpha=float(w) * u.scaling(name))
     return A, B
+
+
+def _resolve_ranks(module_shapes: Mapping[str, tuple[int, int]], rank: int,
+                   module_ranks: Mapping[str, int] | None) -> dict[str, int]:
+    """name -> rank for every module: ``module_ranks[name]`` where given, else ``rank``."""
+    def checked(r, what):
+        if isinstance(r, bool) or int(r) != r or r < 1:
+            raise ValueError(f"{what} must be an int >= 1, got {r!r}")
+        return int(r)
+
+    rank = checked(rank, "rank")
+    module_ranks = dict(module_ranks or {})
+    unknown = sorted(set(module_ranks) - set(module_shapes))
+    if unknown:
+        raise ValueError(f"module_ranks names modules this model does not adapt: {unknown}")
+    return {name: checked(module_ranks.get(name, rank), f"rank of {name}") for name in module_shapes}

@@ -24,18 +24,20 @@ class FedAvg(TruncatedFactors):
         super().__init__(**kwargs)
         self.heterogeneous = heterogeneous
 
-    def _rank_check(self, rank: int) -> str | None:
-        if rank != self.rank:
-            return f"rank {rank} differs from the global rank {self.rank}; FedAvg averages factors of one rank"
+    def _rank_check(self, rank: int, name: str) -> str | None:
+        if rank != self.module_ranks[name]:
+            return (f"rank {rank} differs from the global rank {self.module_ranks[name]}; "
+                    "FedAvg averages factors of one rank")
         return None
 
-    def _served_rank(self, rank: int) -> int:
-        if rank == self.rank or (self.heterogeneous == "bucket" and rank > self.rank):
-            return self.rank  # bucket: a client that could afford more still trains at the smallest rank
+    def _served_rank(self, rank: int, name: str) -> int:
+        limit = self.module_ranks[name]
+        if rank == limit or (self.heterogeneous == "bucket" and rank > limit):
+            return limit  # bucket: a client that could afford more still trains at the smallest rank
         hint = "" if self.heterogeneous == "bucket" else "; use heterogeneous='bucket' to train everyone at it"
-        raise ValueError(f"FedAvg's global rank is {self.rank}, a client cannot start at rank {rank}{hint}")
+        raise ValueError(f"FedAvg's global rank of {name} is {limit}, a client cannot start at rank {rank}{hint}")
 
     def _aggregate(self, updates, weights):
         for name in self.module_shapes:
-            A, B = padded_factor_average(updates, name, weights.tolist(), self.rank)
+            A, B = padded_factor_average(updates, name, weights.tolist(), self.module_ranks[name])
             self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B

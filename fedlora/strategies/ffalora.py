@@ -24,12 +24,12 @@ class FFALoRA(TruncatedFactors):
 
     def _check_update(self, update) -> str | None:
         for name, (a, _, _) in update.modules.items():
-            frozen = self._tensors[f"{name}.A"][: update.rank]
+            frozen = self._tensors[f"{name}.A"][: a.shape[0]]
             if not torch.equal(a, frozen.to(device=a.device, dtype=a.dtype)):
                 return f"{name}: A differs from the frozen shared A (FFA-LoRA trains B only)"
         return None
 
     def _aggregate(self, updates, weights):
         for name in self.module_shapes:
-            _, B = padded_factor_average(updates, name, weights.tolist(), self.rank, with_A=False)
+            _, B = padded_factor_average(updates, name, weights.tolist(), self.module_ranks[name], with_A=False)
             self._tensors[f"{name}.B"] = B

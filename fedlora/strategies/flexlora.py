@@ -12,8 +12,8 @@ AdapterBank and ``lowrank_svd`` factorises dW without forming it while the
 total rank is below the layer's size (QR of the packed factors + a small SVD).
 
 State: per module the top-K singular triplets (U [d_out, K], S [K], V [d_in, K]),
-K = ``max_rank`` if given, else the largest rank of the round's accepted
-clients (never more than the total rank or min(d_out, d_in)). Every client of
+K = ``max_rank`` if given, else the module's largest rank among the round's
+accepted clients (never more than its total rank or min(d_out, d_in)). Every client of
 that round gets its exact best rank-r_k approximation from it, and a 7B-shaped
 model keeps K (d_out + d_in + 1) numbers per module instead of d_out d_in.
 ``global_delta(name)`` materialises U S V^T when asked.
@@ -74,24 +74,28 @@ class FlexLoRA(Strategy):
         return (U * S) @ V.T
 
     def _aggregate(self, updates, weights):
-        keep = self.max_rank or max(u.rank for u in updates)
-        total = sum(u.rank for u in updates)
         for (d_out, d_in), names in self._groups().items():
-            k = min(keep, total, d_out, d_in)
+            # Per module: K = max_rank or its largest client rank, never above its total rank.
+            totals = {n: sum(u.module_rank(n) for u in updates) for n in names}
+            keep = {n: min(self.max_rank or max(u.module_rank(n) for u in updates), totals[n], d_out, d_in)
+                    for n in names}
             banks = [AdapterBank.from_factors([u.modules[n][:2] for u in updates],
                                               scalings=[u.scaling(n) for u in updates]) for n in names]
             method = self.svd_method
             if method == "exact":
-                method = "factored" if total < min(d_out, d_in) else "dense"
-            U, S, V = ops.lowrank_svd(banks, weights=weights.tolist(), rank=k, method=method)
+                method = "factored" if max(totals.values()) < min(d_out, d_in) else "dense"
+            # One batched SVD per shape group at the group's largest K; the leading
+            # k triplets of a rank-K truncation are the rank-k truncation.
+            U, S, V = ops.lowrank_svd(banks, weights=weights.tolist(), rank=max(keep.values()), method=method)
             for i, name in enumerate(names):
-                self._set(name, U[i].to(self.dtype).contiguous(), S[i].to(self.dtype).contiguous(),
-                          V[i].to(self.dtype).contiguous())
+                k = keep[name]
+                self._set(name, U[i][:, :k].to(self.dtype).contiguous(), S[i][:k].to(self.dtype).contiguous(),
+                          V[i][:, :k].to(self.dtype).contiguous())
 
-    def _distribute(self, rank, alpha, client_id):
-        s = self._scaling(alpha, rank)
+    def _distribute(self, ranks, alphas, client_id):
         out = {}
-        for name in self.module_shapes:
+        for name, rank in ranks.items():
+            s = self._scaling(alphas[name], rank)
             U, S, V = (self._tensors[f"{name}.{key}"] for key in "USV")
             k = min(rank, S.shape[0])
             Ur, Sr, Vr = U[:, :k], S[:k], V[:, :k]

@@ -42,10 +42,9 @@ class FLoRA(Strategy):
                                ("round_A", (0, d_in)), ("round_B", (d_out, 0))):
                 self._tensors[f"{name}.{key}"] = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def _distribute(self, rank, alpha, client_id):
+    def _distribute(self, ranks, alphas, client_id):
         # Fresh LoRA each round; a client's A depends on (seed, round, client, module) only.
-        return {n: (self._fresh_A(n, rank, self.round, client_id), self._zeros_B(n, rank))
-                for n in self.module_shapes}
+        return {n: (self._fresh_A(n, r, self.round, client_id), self._zeros_B(n, r)) for n, r in ranks.items()}
 
     def _aggregate(self, updates, weights):
         w = weights.tolist()

@@ -48,7 +48,7 @@ class HetLoRA(TruncatedFactors):
     def _aggregate(self, updates, weights):
         for name in self.module_shapes:
             q = self.module_weights(updates, name, weights)
-            A, B = padded_factor_average(updates, name, q.tolist(), self.rank)
+            A, B = padded_factor_average(updates, name, q.tolist(), self.module_ranks[name])
             self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B
 
 
