@@ -1,0 +1,150 @@
+"""A Flower ClientApp that trains one fedlora client per node with fedlora's local trainer.
+
+A node holds the ``partition-id``-th training client of the run's data (Flower's
+``node_config`` convention; the data is loaded exactly as ``fedlora simulate``
+loads it) and trains at the rank ``assign_ranks`` gives that client, or at
+``node_config['rank']``. Its local training repeats simulate's for that client:
+the same starting factors, data order (seed (seed, "data", round, client)),
+torch seed per round, local steps, optimizer and schedule. With no dropout
+(``lora_dropout = 0``) every node's update equals simulate's for its client to
+fp32 rounding, so the global result does too.
+
+The model, tokenizer and data are loaded once per process and configuration and
+reused across messages (the simulation engine keeps its workers; a SuperNode
+starts a process per message).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlora.data import ClientDataset, load_model
+from fedlora.federated.config import SimConfig
+from fedlora.federated.ranks import assign_ranks
+from fedlora.federated.rng import stable_seed
+from fedlora.federated.simulation import _device, _dtype, _local_steps, load_data
+from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
+from fedlora.federated.update import ClientUpdate
+
+from .config import load_run_config
+from .wire import NodeProfile, TrainInstruction, decode_train, encode_profile, encode_reply
+
+# Called before a node trains (tests use it to make a node fail mid-round).
+TrainHook = Callable[[Context, TrainInstruction], None]
+
+
+@dataclass
+class LocalData:
+    """What a node loads once: the model wrapped for training, the training clients and their ranks."""
+
+    fm: FederatedModel
+    pad_id: int
+    clients: list[ClientDataset]
+    ranks: list[int]
+
+
+_LOADED: dict[str, LocalData] = {}
+
+
+def local_data(cfg: SimConfig) -> LocalData:
+    """Model, data and ranks as ``fedlora simulate`` sets them up, cached per configuration."""
+    key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "progress", "resume")},
+                     sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED.clear()  # one configuration at a time: a node serves one run
+        device = _device(cfg)
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_model(cfg.model, dtype=_dtype(cfg, device),
+                                      quantization=None if cfg.quantization == "none" else cfg.quantization,
+                                      device=device, seed=cfg.seed)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        clients = [c for c in load_data(cfg, tokenizer).train_clients if c.num_examples > 0]
+        if not clients:
+            raise ValueError("the dataset produced no training client with examples")
+        ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
+        fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+        _LOADED[key] = LocalData(fm, pad_id, clients, ranks)
+    return _LOADED[key]
+
+
+def node_client(context: Context, data: LocalData) -> tuple[int, ClientDataset, int]:
+    """(partition-id, the client this node holds, its rank) from the node's config."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ValueError("node_config has no partition-id: start the SuperNode with "
+                         "--node-config 'partition-id=K num-partitions=N'")
+    index = int(node_config["partition-id"])
+    if not 0 <= index < len(data.clients):
+        raise ValueError(f"partition-id {index} is out of range: the data has {len(data.clients)} training clients")
+    rank = int(node_config["rank"]) if "rank" in node_config else data.ranks[index]
+    return index, data.clients[index], rank
+
+
+def train_client(cfg: SimConfig, data: LocalData, client: ClientDataset, task: TrainInstruction) -> ClientUpdate:
+    """One round of local training of ``client`` from the factors the server sent."""
+    fm = data.fm
+    factors = task.factors
+    fm.load_clients([factors])
+    fm.set_deltas(task.deltas)
+    plan = LocalPlan(steps=[_local_steps(cfg, client.num_examples)], batch_size=cfg.batch_size, lr=cfg.lr,
+                     lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                     momentum=cfg.momentum, batched=cfg.mode == "batched", train_A=task.train_A)
+    stream = ExampleStream(client.train, stable_seed(cfg.seed, "data", task.round, client.client_id))
+    torch.manual_seed(stable_seed(cfg.seed, "round", task.round))  # dropout, as simulate seeds each round
+    losses = train_clients(fm, [client], [stream], plan, data.pad_id)[0]
+    fm.set_deltas(None)
+    served = max(a.shape[0] for a, _, _ in factors.values())
+    return ClientUpdate(client.client_id, client.num_examples, served,
+                        fm.client_factors(0, {name: f[2] for name, f in factors.items()}), use_rslora=cfg.use_rslora,
+                        metrics={"train_loss": float(np.mean(losses)) if losses else math.nan})
+
+
+def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | None = None,
+               before_train: TrainHook | None = None) -> ClientApp:
+    """fedlora's ClientApp.
+
+    cfg: the run's settings; None reads them from the Flower run config
+        (:func:`~fedlora.integrations.flower.config.load_run_config`, relative
+        paths against ``base_dir``). ``node_config['dataset']`` replaces the
+        dataset path on a node (the same data kept elsewhere on that machine).
+    """
+    app = ClientApp()
+
+    def settings(context: Context) -> SimConfig:
+        run_cfg = cfg if cfg is not None else load_run_config(context.run_config, base_dir)[0]
+        if "dataset" in context.node_config:
+            run_cfg = dataclasses.replace(run_cfg, dataset=str(context.node_config["dataset"]))
+        return run_cfg
+
+    @app.query()
+    def profile(message: Message, context: Context) -> Message:
+        data = local_data(settings(context))
+        index, client, rank = node_client(context, data)
+        return Message(encode_profile(NodeProfile(
+            node_id=context.node_id, client_id=client.client_id, client_index=index, num_clients=len(data.clients),
+            num_partitions=int(context.node_config.get("num-partitions", 0)), rank=rank,
+            num_examples=client.num_examples, module_shapes=data.fm.module_shapes)), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        run_cfg = settings(context)
+        data = local_data(run_cfg)
+        _, client, _ = node_client(context, data)
+        task = decode_train(message.content)
+        if task.client_id != client.client_id:
+            raise ValueError(f"the server sent work for client {task.client_id!r}; this node holds "
+                             f"{client.client_id!r}")
+        if before_train is not None:
+            before_train(context, task)
+        return Message(encode_reply(train_client(run_cfg, data, client, task)), reply_to=message)
+
+    return app

@@ -1,0 +1,305 @@
+"""A Flower Strategy (Message API, flwr >= 1.41) that runs any fedlora strategy.
+
+Flower's stock strategies average arrays of one shape; federated LoRA with
+heterogeneous ranks needs each node to get factors of its own rank and the
+server to aggregate factors of different shapes. :class:`FedLoRAStrategy` does
+what ``fedlora simulate`` does per round, over a Flower Grid:
+
+1. learn who the nodes are (a ``query`` message: client id, rank, module
+   shapes), once per node, and build the fedlora strategy from that;
+2. sample nodes as simulate samples clients (seeded by round; the same clients
+   when every client has a node);
+3. send each node ``strategy.distribute(...)`` at the node's rank;
+4. decode every reply (a ClientUpdate safetensors blob), reject malformed ones
+   with a reason, note nodes that failed or never answered, and aggregate the
+   rest with ``strategy.aggregate`` (which validates each update);
+5. record the round (accepted, rejected with reasons, missing nodes, bytes up and
+   down) and, with an ``output_dir``, write ``metrics.jsonl`` and the strategy
+   state after every round.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
+from fedlora.federated.config import SimConfig
+from fedlora.federated.ranks import module_ranks
+from fedlora.federated.rng import stable_seed
+from fedlora.federated.simulation import _alpha, _num_sampled, _tensor_bytes, export_peft_adapter, make_strategy
+from fedlora.federated.update import atomic_write
+from fedlora.strategies import FLoRA, Strategy
+
+from .config import FlowerSettings
+from .wire import (
+    NodeProfile,
+    decode_profile,
+    decode_reply,
+    delta_arrays,
+    encode_train,
+    payload_bytes,
+)
+
+log = logging.getLogger("fedlora.flower")
+
+StrategyFactory = Callable[[dict[str, tuple[int, int]], list[int]], Strategy]
+STATE_STYPE = "fedlora.strategy"  # an Array whose data is Strategy.to_bytes()
+
+
+def start_factors(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int):
+    """What ``fedlora simulate`` hands a client of ``rank``: per-module ranks from cfg.rank_pattern, simulate's alphas."""
+    per_module = module_ranks(rank, strategy.module_shapes, cfg.rank_pattern)
+    return strategy.distribute(rank, client_id=client_id, module_ranks=per_module,
+                               alpha={n: _alpha(cfg, r) for n, r in per_module.items()})
+
+
+class FedLoRAStrategy(FlowerStrategy):
+    """Wraps a fedlora :class:`~fedlora.strategies.Strategy` as a Flower strategy.
+
+    strategy: an initialised fedlora strategy, or a factory
+        ``(module_shapes, ranks) -> Strategy`` called once the nodes' profiles are
+        known (ranks: one per node, in client order).
+    cfg: the run's settings (seed, clients_per_round, alphas, rank_pattern;
+        the local-training ones are the nodes').
+    output_dir: where metrics.jsonl and strategy.safetensors are rewritten
+        after every round (None: keep them in memory only).
+    """
+
+    def __init__(self, strategy: Strategy | StrategyFactory, cfg: SimConfig | None = None,
+                 settings: FlowerSettings | None = None, *, output_dir: str | Path | None = None):
+        self.cfg = cfg if cfg is not None else SimConfig()
+        self.settings = settings if settings is not None else FlowerSettings()
+        if isinstance(strategy, Strategy):
+            self.strategy, self._factory = strategy, None
+        elif callable(strategy):
+            self.strategy, self._factory = None, strategy
+        else:
+            raise TypeError(f"strategy must be a fedlora Strategy or a factory, got {type(strategy).__name__}")
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.profiles: dict[int, NodeProfile] = {}  # node id -> profile
+        self.node_errors: dict[int, str] = {}  # nodes left out of the run, with the reason
+        self.history: list[dict] = []  # one record per round, as simulate's metrics.jsonl
+        self.totals = {"bytes_up": 0, "bytes_down": 0}
+        self._sent: dict[int, tuple[NodeProfile, int]] = {}  # this round: node id -> (profile, served rank)
+        self._round: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: SimConfig, settings: FlowerSettings | None = None, *,
+                    output_dir: str | Path | None = None) -> FedLoRAStrategy:
+        """The strategy ``cfg`` names, built as ``fedlora simulate`` builds it once the nodes' ranks are known."""
+        return cls(lambda shapes, ranks: make_strategy(cfg, shapes, ranks, "cpu"), cfg, settings,
+                   output_dir=output_dir)
+
+    # ------------------------------------------------------------- Flower API
+    def summary(self) -> None:
+        name = self.strategy.name if self.strategy is not None else self.cfg.strategy
+        log.info("fedlora %s: %s clients per round, seed %d, round timeout %.0f s", name,
+                 self.cfg.clients_per_round, self.cfg.seed, self.settings.round_timeout_s)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        started = time.perf_counter()
+        self._discover(grid)
+        round_idx = server_round - 1  # simulate's rounds count from 0; its seeds use that index
+        connected = set(grid.get_node_ids())
+        population = sorted((p for n, p in self.profiles.items() if n in connected), key=lambda p: p.client_index)
+        picked = self.sample(round_idx, population)
+        strategy = self.strategy
+        # Strategies that train on top of the global update (FLoRA) send it along, built once per round.
+        deltas = delta_arrays(strategy.global_deltas()) if isinstance(strategy, FLoRA) else None
+        delta_bytes = sum(len(a.data) for a in deltas.values()) if deltas else 0
+        messages, self._sent, not_started = [], {}, {}
+        bytes_down = payload_down = 0
+        for profile in picked:
+            try:
+                factors = start_factors(self.cfg, strategy, profile.client_id, profile.rank)
+            except ValueError as exc:  # e.g. a rank the strategy cannot serve
+                not_started[profile.client_id] = f"not started: {exc}"
+                continue
+            content = encode_train(round_idx, server_round, profile.client_id, factors, deltas,
+                                   "A" in strategy.trainable)
+            messages.append(Message(content, dst_node_id=profile.node_id, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+            # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
+            self._sent[profile.node_id] = (profile, max(a.shape[0] for a, _, _ in factors.values()))
+            bytes_down += _tensor_bytes(factors)
+            payload_down += payload_bytes(content)
+        self._round = {"round": round_idx, "server_round": server_round, "started": started,
+                       "not_started": not_started, "bytes_down": bytes_down,
+                       "bytes_down_global": delta_bytes * len(messages), "payload_bytes_down": payload_down,
+                       "available": [p.client_id for p in population]}
+        log.info("round %d: %d of %d nodes sampled", round_idx, len(picked), len(population))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        info = self._round
+        by_node: dict[int, Message] = {}
+        for msg in replies:
+            node_id = int(msg.metadata.src_node_id)
+            if node_id in self._sent:
+                by_node[node_id] = msg
+            else:
+                log.warning("round %d: ignoring a reply from node %d, which was not sent work", info["round"], node_id)
+        updates, rejected, missing = [], dict(info["not_started"]), {}
+        bytes_up = payload_up = 0
+        for node_id, (profile, _) in sorted(self._sent.items(), key=lambda kv: kv[1][0].client_index):
+            cid, msg = profile.client_id, by_node.get(node_id)
+            if msg is None:
+                missing[cid] = f"node {node_id}: no reply (node lost, crashed, or slower than the round timeout)"
+            elif msg.has_error():
+                missing[cid] = f"node {node_id} failed: {msg.error.reason}"
+            else:
+                payload_up += payload_bytes(msg.content)
+                try:
+                    update = decode_reply(msg.content)
+                except ValueError as exc:
+                    rejected[cid] = f"malformed reply from node {node_id}: {exc}"
+                    continue
+                if update.client_id != cid:
+                    rejected[cid] = f"node {node_id} holds client {cid!r} but sent an update of {update.client_id!r}"
+                    continue
+                # What a client uploads: the factors it trains (FFA-LoRA's A is re-derived from the seed).
+                bytes_up += sum(t.numel() * t.element_size() for a, b, _ in update.modules.values()
+                                for key, t in (("A", a), ("B", b)) if key in self.strategy.trainable)
+                updates.append(update)
+        for cid, reason in missing.items():
+            log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
+        result = self.strategy.aggregate(updates)  # validates each update; bad ones come back with a reason
+        rejected.update(result.rejected)
+        accepted = [u for u in updates if u.client_id in result.accepted]
+        losses = [u.metrics.get("train_loss", math.nan) for u in accepted]
+        train_loss = float(np.average(losses, weights=[u.num_examples for u in accepted])) if accepted else math.nan
+        sent = sorted(self._sent.values(), key=lambda v: v[0].client_index)
+        self.totals["bytes_up"] += bytes_up
+        self.totals["bytes_down"] += info["bytes_down"]
+        record = {
+            "round": info["round"],
+            "clients": [p.client_id for p, _ in sent],
+            "nodes": {p.client_id: p.node_id for p, _ in sent},
+            "ranks": [p.rank for p, _ in sent],
+            "trained_ranks": [served for _, served in sent],
+            "accepted": result.accepted,
+            "rejected": rejected,
+            "missing": missing,
+            "state_changed": result.changed,
+            "train_loss": train_loss,
+            "bytes_up": bytes_up,
+            "bytes_down": info["bytes_down"],
+            "bytes_down_global": info["bytes_down_global"],
+            "payload_bytes_up": payload_up,
+            "payload_bytes_down": info["payload_bytes_down"],
+            "wall_time_s": round(time.perf_counter() - info["started"], 3),
+            **{f"total_{k}": v for k, v in self.totals.items()},
+        }
+        self.history.append(record)
+        self._write_round()
+        metrics = {"accepted": len(result.accepted), "rejected": len(rejected), "missing": len(missing),
+                   "bytes-up": bytes_up, "bytes-down": info["bytes_down"]}
+        if math.isfinite(train_loss):
+            metrics["train-loss"] = train_loss
+        arrays = None
+        if result.changed:
+            blob = self.strategy.to_bytes()
+            arrays = ArrayRecord({"state": Array(dtype="uint8", shape=(len(blob),), stype=STATE_STYPE, data=blob)})
+        return arrays, MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the global model is evaluated where the data is: see README, "Running fedlora on Flower"
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # --------------------------------------------------------------- helpers
+    def sample(self, round_idx: int, population: list[NodeProfile]) -> list[NodeProfile]:
+        """``fedlora simulate``'s sampling over the available nodes (in client order), seeded by round."""
+        if not population:
+            return []
+        sampler = np.random.default_rng(stable_seed(self.cfg.seed, "sample", round_idx))
+        picked = sampler.choice(len(population), size=_num_sampled(self.cfg, len(population)), replace=False)
+        return [population[i] for i in sorted(picked.tolist())]
+
+    def _discover(self, grid: Grid) -> None:
+        """Profile nodes not seen before. Before round 1, wait for the nodes expected (bounded by node_wait_s)."""
+        first = self.strategy is None or not self.profiles
+        deadline = time.monotonic() + (self.settings.node_wait_s if first else 0.0)
+        while True:
+            new = [n for n in grid.get_node_ids() if n not in self.profiles and n not in self.node_errors]
+            if new:
+                self._profile(grid, new)
+            expected = self.settings.min_nodes or max([p.num_partitions for p in self.profiles.values()] + [1])
+            if len(self.profiles) >= expected or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        if not self.profiles:
+            raise RuntimeError(f"no node answered with a usable profile within {self.settings.node_wait_s} s; "
+                               f"left out: {self.node_errors}")
+        if self.strategy is None:
+            ordered = sorted(self.profiles.values(), key=lambda p: p.client_index)
+            self.strategy = self._factory(dict(ordered[0].module_shapes), [p.rank for p in ordered])
+            log.info("fedlora %s built for %d nodes, ranks %s", self.strategy.name, len(ordered),
+                     [p.rank for p in ordered])
+
+    def _profile(self, grid: Grid, node_ids: list[int]) -> None:
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        replies = {int(m.metadata.src_node_id): m for m in
+                   grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)}
+        for node_id in node_ids:
+            if node_id not in replies:
+                self.node_errors[node_id] = "no profile reply"
+                continue
+            try:
+                profile = decode_profile(replies[node_id])
+                reason = self._profile_problem(profile)
+            except ValueError as exc:
+                reason = str(exc)
+            if reason is None:
+                self.profiles[node_id] = profile
+            else:
+                self.node_errors[node_id] = reason
+                log.warning("node %d left out: %s", node_id, reason)
+
+    def _profile_problem(self, profile: NodeProfile) -> str | None:
+        shapes = self.strategy.module_shapes if self.strategy is not None else next(
+            (p.module_shapes for p in self.profiles.values()), profile.module_shapes)
+        if profile.module_shapes != shapes:
+            return f"its model's adapted modules {profile.module_shapes} differ from the run's {shapes}"
+        for other in self.profiles.values():
+            if other.client_id == profile.client_id:
+                return f"client {profile.client_id!r} is already held by node {other.node_id}"
+        if profile.rank < 1:
+            return f"rank {profile.rank} < 1"
+        return None
+
+    def _write_round(self) -> None:
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.output_dir / "metrics.jsonl",
+                     "".join(json.dumps(m) + "\n" for m in self.history).encode())
+        self.strategy.save(self.output_dir / "strategy.safetensors")
+
+    def export(self, path: str | Path, cfg: SimConfig | None = None) -> Path:
+        """The global update as a PEFT adapter at cfg.export_rank (0: the largest node rank), as simulate exports it."""
+        cfg = cfg or self.cfg
+        rank = cfg.export_rank or max(p.rank for p in self.profiles.values())
+        # export_peft_adapter never uses its FederatedModel argument; the server has no model.
+        return export_peft_adapter(self.strategy, None, Path(path), rank, cfg)
+
+
+def node_summary(strategy: FedLoRAStrategy) -> Mapping[str, object]:
+    """Which node held which client at which rank, and the nodes left out (for the run's summary file)."""
+    return {
+        "nodes": {str(n): {"client_id": p.client_id, "client_index": p.client_index, "rank": p.rank,
+                           "num_examples": p.num_examples} for n, p in sorted(strategy.profiles.items())},
+        "left_out": {str(n): reason for n, reason in sorted(strategy.node_errors.items())},
+    }

@@ -1,0 +1,172 @@
+"""What fedlora's ServerApp and ClientApp send each other in Flower messages.
+
+Three exchanges, each one Flower ``Message`` with a ``RecordDict``:
+
+* profile (``query``): the server asks, a node answers with who it is
+  (``fedlora.profile`` ConfigRecord: client id and index, rank, number of
+  examples, module shapes as JSON).
+* train (``train``): the server sends the factors for the node's own rank
+  (``fedlora.start`` ArrayRecord: ``{module}.lora_A`` [r, d_in],
+  ``{module}.lora_B`` [d_out, r], plus ``{module}.delta`` [d_out, d_in], the
+  global update beside the base, for strategies that train on top of it
+  (FLoRA)) and the round (``fedlora.round`` ConfigRecord: round index, client
+  id, per-module alphas as JSON, whether A trains).
+* reply: the node's :class:`~fedlora.federated.update.ClientUpdate` as its
+  safetensors blob, one ``Array`` of stype ``fedlora.update`` in the
+  ``fedlora.update`` ArrayRecord (Flower chunks big arrays for transport), and a
+  ``metrics`` MetricRecord with ``num-examples``.
+
+Arrays travel as Flower's own numpy serialization (``allow_pickle=False``) or
+safetensors; nothing is unpickled. Decoders raise ValueError with a reason.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlora.federated.update import ClientUpdate
+
+PROFILE, START, ROUND, UPDATE, METRICS = "fedlora.profile", "fedlora.start", "fedlora.round", "fedlora.update", "metrics"
+UPDATE_STYPE = "fedlora.update"  # an Array whose data is a ClientUpdate safetensors blob
+_A, _B, _DELTA = ".lora_A", ".lora_B", ".delta"
+
+
+@dataclass
+class NodeProfile:
+    """Who a node is: the training client it holds and the rank it trains at."""
+
+    node_id: int
+    client_id: str
+    client_index: int  # the node's partition-id: its position among the data's training clients
+    num_clients: int  # training clients in the node's data
+    num_partitions: int  # the node's num-partitions (0 when its node_config has none)
+    rank: int
+    num_examples: int
+    module_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainInstruction:
+    """A decoded train message: one client's starting point for one round."""
+
+    round: int
+    client_id: str
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    deltas: dict[str, torch.Tensor] | None
+    train_A: bool
+
+
+# ------------------------------------------------------------------ profile
+def encode_profile(profile: NodeProfile) -> RecordDict:
+    return RecordDict({PROFILE: ConfigRecord({
+        "client-id": profile.client_id, "client-index": profile.client_index, "num-clients": profile.num_clients,
+        "num-partitions": profile.num_partitions, "rank": profile.rank, "num-examples": profile.num_examples,
+        "module-shapes": json.dumps({n: list(s) for n, s in profile.module_shapes.items()}),
+    })})
+
+
+def decode_profile(message: Message) -> NodeProfile:
+    record = _record(message, PROFILE, ConfigRecord)
+    try:
+        shapes = json.loads(record["module-shapes"])
+        return NodeProfile(
+            node_id=int(message.metadata.src_node_id), client_id=str(record["client-id"]),
+            client_index=int(record["client-index"]), num_clients=int(record["num-clients"]),
+            num_partitions=int(record["num-partitions"]), rank=int(record["rank"]),
+            num_examples=int(record["num-examples"]),
+            module_shapes={str(n): (int(s[0]), int(s[1])) for n, s in shapes.items()},
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise ValueError(f"malformed profile: {type(exc).__name__}: {exc}") from None
+
+
+# -------------------------------------------------------------------- train
+def start_arrays(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> dict[str, Array]:
+    out = {}
+    for name, (a, b, _) in factors.items():
+        out[name + _A], out[name + _B] = Array(a.detach().cpu().contiguous()), Array(b.detach().cpu().contiguous())
+    return out
+
+
+def delta_arrays(deltas: Mapping[str, torch.Tensor]) -> dict[str, Array]:
+    """The global deltas as Arrays, built once per round and shared by every node's message."""
+    return {name + _DELTA: Array(d.detach().cpu().contiguous()) for name, d in deltas.items()}
+
+
+def encode_train(round_idx: int, server_round: int, client_id: str,
+                 factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                 deltas: Mapping[str, Array] | None, train_A: bool) -> RecordDict:
+    arrays = ArrayRecord({**start_arrays(factors), **(deltas or {})})
+    return RecordDict({START: arrays, ROUND: ConfigRecord({
+        "round": round_idx, "server-round": server_round, "client-id": client_id, "train-A": bool(train_A),
+        "alphas": json.dumps({n: float(f[2]) for n, f in factors.items()}),
+    })})
+
+
+def decode_train(content: RecordDict) -> TrainInstruction:
+    cfg = _get(content, ROUND, ConfigRecord)
+    arrays = _get(content, START, ArrayRecord)
+    try:
+        alphas = json.loads(cfg["alphas"])
+        factors = {n: (_tensor(arrays[n + _A]), _tensor(arrays[n + _B]), float(alpha)) for n, alpha in alphas.items()}
+        deltas = {k[: -len(_DELTA)]: _tensor(v) for k, v in arrays.items() if k.endswith(_DELTA)}
+        return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, deltas or None, bool(cfg["train-A"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"malformed train message: {type(exc).__name__}: {exc}") from None
+
+
+# -------------------------------------------------------------------- reply
+def encode_reply(update: ClientUpdate) -> RecordDict:
+    blob = update.to_bytes()
+    array = Array(dtype="uint8", shape=(len(blob),), stype=UPDATE_STYPE, data=blob)
+    metrics = {"num-examples": int(update.num_examples)}
+    metrics.update({k.replace("_", "-"): float(v) for k, v in update.metrics.items()})
+    return RecordDict({UPDATE: ArrayRecord({"update": array}), METRICS: MetricRecord(metrics)})
+
+
+def decode_reply(content: RecordDict) -> ClientUpdate:
+    """The ClientUpdate a node sent; ValueError naming what is wrong with the reply."""
+    arrays = _get(content, UPDATE, ArrayRecord)
+    if "update" not in arrays:
+        raise ValueError(f"the {UPDATE!r} record has no 'update' array (it has {sorted(arrays)})")
+    array = arrays["update"]
+    if array.stype != UPDATE_STYPE:
+        raise ValueError(f"the update array has stype {array.stype!r}, expected {UPDATE_STYPE!r}")
+    update = ClientUpdate.from_bytes(array.data)
+    metrics = content.metric_records.get(METRICS)
+    if metrics is not None and "num-examples" in metrics and int(metrics["num-examples"]) != update.num_examples:
+        raise ValueError(f"num-examples {metrics['num-examples']} in the metrics differs from the update's "
+                         f"{update.num_examples}")
+    return update
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of array data in a message: what dominates its size on the wire."""
+    return sum(len(a.data) for record in content.array_records.values() for a in record.values())
+
+
+# ------------------------------------------------------------------ helpers
+def _tensor(array: Array) -> torch.Tensor:
+    if not isinstance(array, Array):
+        raise TypeError(f"expected an Array, got {type(array).__name__}")
+    return torch.from_numpy(np.ascontiguousarray(array.numpy()))
+
+
+def _get(content: RecordDict, key: str, kind: type):
+    if key not in content:
+        raise ValueError(f"the message has no {key!r} record (it has {sorted(content)})")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise ValueError(f"{key!r} is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _record(message: Message, key: str, kind: type):
+    if message.has_error():
+        raise ValueError(f"node error: {message.error.reason}")
+    return _get(message.content, key, kind)
