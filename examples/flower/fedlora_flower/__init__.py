@@ -1,0 +1,1 @@
+"""fedlora on Flower: the ServerApp and ClientApp of this app come from fedlora.integrations.flower."""
