@@ -76,6 +76,34 @@ def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _flower(args: argparse.Namespace) -> int:
+    """Helpers for running fedlora on Flower (see README, "Running fedlora on Flower")."""
+    from fedlora.integrations.flower import deploy
+
+    if args.flower_command == "env":
+        print("\n".join(deploy.env_lines()))
+    elif args.flower_command == "commands":
+        print("\n".join(deploy.deployment_commands(args.app, args.superlink, nodes=args.nodes, fleet_port=args.port,
+                                                  node_port=args.node_port, connection=args.connection,
+                                                  insecure=not args.tls, certificates=args.certificates)))
+    else:
+        address = deploy.LOCAL_SIMULATION if args.simulation else args.address
+        if address is None:
+            print("fedlora flower connection: give --address HOST:PORT or --simulation", file=sys.stderr)
+            return 2
+        try:
+            path = deploy.write_connection(args.name, address, insecure=args.insecure,
+                                           root_certificates=args.root_certificates,
+                                           num_supernodes=args.num_supernodes if args.simulation else None,
+                                           default=args.default)
+        except ValueError as exc:
+            print(f"fedlora flower connection: {exc}", file=sys.stderr)
+            return 2
+        print(f"SuperLink connection {args.name!r} ({address}) written to {path}; "
+              f"use it with: flwr run APP {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--config", help="TOML file with settings (flat, or under [simulate])")
     sim.set_defaults(func=_simulate)
+    flower = sub.add_parser("flower", help="run fedlora on Flower: deployment commands and SuperLink connections")
+    flower.set_defaults(func=_flower)
+    fsub = flower.add_subparsers(dest="flower_command", required=True)
+    fsub.add_parser("env", help="print the exports that keep Flower, its runtime and Ray off the network")
+    cmds = fsub.add_parser("commands", help="print the SuperLink, SuperNode and flwr commands of a deployment")
+    cmds.add_argument("--app", default="examples/flower", help="the Flower app folder")
+    cmds.add_argument("--superlink", default="127.0.0.1", help="host the SuperNodes reach the SuperLink at")
+    cmds.add_argument("--port", type=int, default=9093, help="the SuperLink's port (Fleet and Control API)")
+    cmds.add_argument("--nodes", type=int, default=2, help="SuperNodes, one per training client")
+    cmds.add_argument("--node-port", type=int, default=9094, help="first SuperNode's local runtime API port")
+    cmds.add_argument("--connection", default="fedlora", help="name of the SuperLink connection")
+    cmds.add_argument("--tls", action="store_true", help="TLS with certificates in --certificates")
+    cmds.add_argument("--certificates", default="certificates", help="folder with ca.crt, server.pem, server.key")
+    conn = fsub.add_parser("connection", help="add a SuperLink connection to Flower's config ($FLWR_HOME/config.toml)")
+    conn.add_argument("name")
+    conn.add_argument("--address", help="the SuperLink's HOST:PORT")
+    conn.add_argument("--insecure", action="store_true", help="no TLS (loopback or a trusted network only)")
+    conn.add_argument("--root-certificates", help="CA certificate that signed the SuperLink's")
+    conn.add_argument("--simulation", action="store_true", help="a local simulation SuperLink that flwr starts")
+    conn.add_argument("--num-supernodes", type=int, default=3, help="virtual SuperNodes of a --simulation")
+    conn.add_argument("--default", action="store_true", help="make it flwr's default connection")
     return parser
 
 
