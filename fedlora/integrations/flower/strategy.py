@@ -45,6 +45,7 @@ from .wire import (
     decode_reply,
     delta_arrays,
     encode_train,
+    error_reason,
     payload_bytes,
 )
 
@@ -113,9 +114,11 @@ class FedLoRAStrategy(FlowerStrategy):
         population = sorted((p for n, p in self.profiles.items() if n in connected), key=lambda p: p.client_index)
         picked = self.sample(round_idx, population)
         strategy = self.strategy
-        # Strategies that train on top of the global update (FLoRA) send it along, built once per round.
-        deltas = delta_arrays(strategy.global_deltas()) if isinstance(strategy, FLoRA) else None
-        delta_bytes = sum(len(a.data) for a in deltas.values()) if deltas else 0
+        # Strategies that train on top of the global update (FLoRA) send it along, built once per round
+        # (none before the first aggregation: it is zero, as no delta at all).
+        global_deltas = strategy.global_deltas() if isinstance(strategy, FLoRA) and strategy.round else {}
+        deltas = delta_arrays(global_deltas) if global_deltas else None
+        delta_bytes = sum(d.numel() * d.element_size() for d in global_deltas.values())
         messages, self._sent, not_started = [], {}, {}
         bytes_down = payload_down = 0
         for profile in picked:
@@ -156,7 +159,7 @@ class FedLoRAStrategy(FlowerStrategy):
             if msg is None:
                 missing[cid] = f"node {node_id}: no reply (node lost, crashed, or slower than the round timeout)"
             elif msg.has_error():
-                missing[cid] = f"node {node_id} failed: {msg.error.reason}"
+                missing[cid] = f"node {node_id} failed: {error_reason(msg)}"
             else:
                 payload_up += payload_bytes(msg.content)
                 try:
@@ -237,7 +240,8 @@ class FedLoRAStrategy(FlowerStrategy):
             if new:
                 self._profile(grid, new)
             expected = self.settings.min_nodes or max([p.num_partitions for p in self.profiles.values()] + [1])
-            if len(self.profiles) >= expected or time.monotonic() >= deadline:
+            # Nodes left out count as arrived: waiting longer would not bring them back.
+            if len(self.profiles) + len(self.node_errors) >= expected or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
         if not self.profiles:

@@ -22,6 +22,7 @@ safetensors; nothing is unpickled. Decoders raise ValueError with a reason.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -166,7 +167,16 @@ def _get(content: RecordDict, key: str, kind: type):
     return record
 
 
+def error_reason(message: Message, limit: int = 400) -> str:
+    """The gist of an error reply: its reason without terminal colours, cut to its last ``limit`` characters.
+
+    A ClientApp's exception arrives as a whole (Ray) traceback; the message is at its end.
+    """
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", str(message.error.reason)).strip()
+    return reason if len(reason) <= limit else "..." + reason[-limit:]
+
+
 def _record(message: Message, key: str, kind: type):
     if message.has_error():
-        raise ValueError(f"node error: {message.error.reason}")
+        raise ValueError(f"node error: {error_reason(message)}")
     return _get(message.content, key, kind)

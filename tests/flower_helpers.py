@@ -1,0 +1,133 @@
+"""Shared set-up of the Flower tests: quiet environment, a small instruction dataset, configs, an in-process Grid."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlora.integrations.flower.config import QUIET_ENV
+
+# Before flwr or ray is imported anywhere (flwr reads some at import); inherited by every process started.
+for _key, _value in QUIET_ENV.items():
+    os.environ[_key] = _value
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedlora.federated import simulation  # noqa: E402
+from fedlora.federated.config import SimConfig  # noqa: E402
+
+from .conftest import rel_err  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "flower"
+
+
+def write_clients_jsonl(path: Path, num_clients: int = 3, per_client: int = 8) -> Path:
+    """Short instruction records (they fit seq_len 48 with the byte tokenizer), ``per_client`` per client."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for k in range(num_clients):
+        for _ in range(per_client):
+            word = "".join(rng.choice(list("abcdef"), size=3))
+            lines.append({"client": f"user{k}", "instruction": f"Repeat {word}", "output": " ".join([word] * 4)})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def run_settings(dataset: Path, output_dir: Path, strategy: str = "flexlora", **kw) -> dict:
+    """A two-round job on the tiny random Llama, ranks 4/8/16, every client every round, no evaluation."""
+    settings = dict(model="tiny-random-llama", dataset=str(dataset), strategy=strategy, rounds=2,
+                    clients_per_round=3, local_steps=3, batch_size=2, seq_len=48, lr=0.02, heldout_fraction=0.2,
+                    rank_distribution="list", client_ranks=[4, 8, 16], eval_every=0, progress=False,
+                    output_dir=str(output_dir))
+    settings.update(kw)
+    return settings
+
+
+def saved_strategy(out: Path):
+    """The fedlora strategy a Flower run saved in ``out``."""
+    cfg = json.loads((out / "config.json").read_text())
+    strategy = simulation._STRATEGIES[cfg["strategy"]]()
+    strategy.load(out / "strategy.safetensors")
+    return strategy
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_global(flower_strategy, simulated_strategy, tol: float = 1e-5) -> float:
+    """Every module's global delta agrees (||diff|| / ||ref|| < tol); returns the worst relative error."""
+    got, want = flower_strategy.global_deltas(), simulated_strategy.global_deltas()
+    assert got.keys() == want.keys()
+    worst = 0.0
+    for name in want:
+        assert want[name].norm() > 0, name
+        worst = max(worst, rel_err(got[name], want[name]))
+    assert worst < tol, worst
+    return worst
+
+
+def simulated(settings: dict, output_dir: Path):
+    """``fedlora simulate`` of the same job (written elsewhere)."""
+    return simulation.simulate(SimConfig.from_dict(dict(settings, output_dir=str(output_dir))))
+
+
+class LocalGrid(Grid):
+    """Flower's Grid without a runtime: messages go straight to a ClientApp, one Context per node.
+
+    drop: node ids whose messages never get a reply (a lost node).
+    tamper: (message, reply) -> reply, applied to every reply (a buggy or hostile node).
+    """
+
+    def __init__(self, app, num_nodes: int, node_config=None, drop=(), tamper=None):
+        if TaskIdentity._run_id is None:  # a real Grid's runtime sets these
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.app, self.drop, self.tamper = app, set(drop), tamper
+        self.contexts = {}
+        for k in range(num_nodes):
+            config = {"partition-id": k, "num-partitions": num_nodes, **(node_config or {}).get(k, {})}
+            self.contexts[1000 + k] = Context(run_id=1, node_id=1000 + k, node_config=config, state=RecordDict(),
+                                              run_config={})
+        self.sent: list[Message] = []
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            if msg.metadata.dst_node_id in self.drop:
+                continue
+            try:
+                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # what the runtime does with a ClientApp's exception
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            replies.append(self.tamper(msg, reply) if self.tamper else reply)
+        return replies
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,240 @@
+"""fedlora on Flower without a Flower runtime: the strategy wrapper and the ClientApp over an in-process Grid.
+
+Results against ``fedlora simulate``, the factors each node gets, malformed replies,
+missing nodes, bytes accounting, the run config, the example app and the CLI helpers.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("flwr", reason="needs the flower extra: pip install -e '.[flower]'")
+
+from .flower_helpers import (  # noqa: E402  (sets the quiet Flower environment first)
+    EXAMPLE,
+    LocalGrid,
+    assert_same_global,
+    run_settings,
+    simulated,
+    tensor_bytes,
+    write_clients_jsonl,
+)
+
+import torch  # noqa: E402
+from flwr.app import Array, ArrayRecord, Message, MessageType  # noqa: E402
+
+from fedlora.cli import main  # noqa: E402
+from fedlora.federated.config import SimConfig  # noqa: E402
+from fedlora.integrations.flower import FlowerSettings, client_app, load_run_config, run_server  # noqa: E402
+from fedlora.integrations.flower.wire import UPDATE, decode_reply, decode_train, encode_reply  # noqa: E402
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+FAST = FlowerSettings(node_wait_s=1.0, round_timeout_s=30.0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_clients_jsonl(tmp_path_factory.mktemp("data") / "clients.jsonl")
+
+
+def flower_run(settings: dict, grid_kw: dict | None = None, before_train=None):
+    """run_server over a LocalGrid of 3 nodes; returns (wrapper, grid)."""
+    cfg = SimConfig.from_dict(settings)
+    grid = LocalGrid(client_app(cfg, before_train=before_train), 3, **(grid_kw or {}))
+    return run_server(grid, cfg, FAST), grid
+
+
+STRATEGY_KW = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {},
+               "fedavg": {"strategy_options": {"heterogeneous": "bucket"}}}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGY_KW))
+def test_in_process_run_equals_simulate(strategy, dataset, tmp_path):
+    settings = run_settings(dataset, tmp_path / "flower", strategy, **STRATEGY_KW[strategy])
+    wrapper, _ = flower_run(settings)
+    reference = simulated(settings, tmp_path / "sim")
+    worst = assert_same_global(wrapper.strategy, reference.strategy)
+    print(f"{strategy}: max relative difference of the global deltas {worst:.1e}")
+    for got, want in zip(wrapper.history, reference.metrics, strict=True):
+        for key in ("round", "clients", "ranks", "trained_ranks", "accepted", "rejected", "bytes_up", "bytes_down"):
+            assert got[key] == want[key], key
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["missing"] == {} and got["state_changed"]
+    assert (tmp_path / "flower" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_factors_sent_match_each_nodes_rank(dataset, tmp_path):
+    """Node 1 overrides its rank with node_config; every node gets (and trains) factors of its own rank."""
+    settings = run_settings(dataset, tmp_path, "flexlora")
+    wrapper, grid = flower_run(settings, {"node_config": {1: {"rank": 2}}})
+    rank_of = {1000: 4, 1001: 2, 1002: 16}
+    shapes = wrapper.strategy.module_shapes
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(train) == 6  # 3 nodes x 2 rounds
+    for msg in train:
+        task = decode_train(msg.content)
+        rank = rank_of[msg.metadata.dst_node_id]
+        assert set(task.factors) == set(shapes)
+        for name, (A, B, alpha) in task.factors.items():
+            d_out, d_in = shapes[name]
+            assert A.shape == (rank, d_in) and B.shape == (d_out, rank)
+            assert alpha == 2.0 * rank  # simulate's default alpha
+    assert [m["ranks"] for m in wrapper.history] == [[4, 2, 16]] * 2
+    assert [m["trained_ranks"] for m in wrapper.history] == [[4, 2, 16]] * 2
+    assert {p.client_id: p.rank for p in wrapper.profiles.values()} == {"user0": 4, "user1": 2, "user2": 16}
+
+
+def _replace_update(instruction: Message, reply: Message, edit) -> Message:
+    update = decode_reply(reply.content)
+    edit(update)
+    return Message(encode_reply(update), reply_to=instruction)
+
+
+def test_malformed_replies_are_rejected_and_the_round_goes_on(dataset, tmp_path):
+    def nan_B(update):
+        name = sorted(update.modules)[0]
+        A, B, alpha = update.modules[name]
+        B = B.clone()
+        B[0, 0] = float("nan")
+        update.modules[name] = (A, B, alpha)
+
+    def other_client(update):
+        update.client_id = "user2"
+
+    def tamper(msg, reply):
+        round_idx = decode_train(msg.content).round if msg.metadata.message_type == MessageType.TRAIN else None
+        node = msg.metadata.dst_node_id
+        if round_idx == 0 and node == 1001:  # not safetensors at all
+            reply.content[UPDATE] = ArrayRecord({"update": Array(dtype="uint8", shape=(5,), stype="fedlora.update",
+                                                                 data=b"\x00garbage")})
+        elif round_idx == 0 and node == 1002:  # well-formed, but a NaN in B: the strategy's validation says no
+            reply = _replace_update(msg, reply, nan_B)
+        elif round_idx == 1 and node == 1000:  # pretends to be another client
+            reply = _replace_update(msg, reply, other_client)
+        elif round_idx == 1 and node == 1001:  # no update record
+            del reply.content[UPDATE]
+        return reply
+
+    wrapper, _ = flower_run(run_settings(dataset, tmp_path, "flexlora"), {"tamper": tamper})
+    first, second = wrapper.history
+    assert first["accepted"] == ["user0"] and first["state_changed"] and math.isfinite(first["train_loss"])
+    assert set(first["rejected"]) == {"user1", "user2"} and first["missing"] == {}
+    assert first["rejected"]["user1"].startswith("malformed reply from node 1001:")
+    assert "non-finite" in first["rejected"]["user2"]
+    assert second["accepted"] == ["user2"] and second["state_changed"]
+    assert "node 1000 holds client 'user0' but sent an update of 'user2'" in second["rejected"]["user0"]
+    assert "has no 'fedlora.update' record" in second["rejected"]["user1"]
+    assert first["payload_bytes_up"] > 0 and second["payload_bytes_up"] > 0
+
+
+def test_failed_and_lost_nodes_are_missing_and_the_round_goes_on(dataset, tmp_path):
+    def crash(context, task):
+        if context.node_config["partition-id"] == 1 and task.round == 1:
+            raise RuntimeError("out of memory")
+
+    wrapper, _ = flower_run(run_settings(dataset, tmp_path, "flora"), {"drop": {1002}}, before_train=crash)
+    # Node 1002 never answers, not even the profile query: it is left out of the run with a reason.
+    assert wrapper.node_errors == {1002: "no profile reply"}
+    first, second = wrapper.history
+    assert first["clients"] == ["user0", "user1"] and first["accepted"] == ["user0", "user1"]
+    assert second["accepted"] == ["user0"] and second["state_changed"] and second["rejected"] == {}
+    assert set(second["missing"]) == {"user1"}
+    assert "node 1001 failed" in second["missing"]["user1"] and "out of memory" in second["missing"]["user1"]
+
+
+def test_a_node_lost_after_its_profile_is_missing(dataset, tmp_path):
+    class LoseNode(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+                self.drop = {1001}
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora", rounds=1))
+    wrapper = run_server(LoseNode(client_app(cfg), 3), cfg, FAST)
+    (record,) = wrapper.history
+    assert record["accepted"] == ["user0", "user2"] and record["nodes"]["user1"] == 1001
+    assert record["missing"] == {"user1": "node 1001: no reply (node lost, crashed, or slower than the round timeout)"}
+
+
+def test_bytes_accounting(dataset, tmp_path):
+    """Down: each node's factors at its rank (+ FLoRA's dense global delta after round 0); up: what it trains."""
+    wrapper, grid = flower_run(run_settings(dataset, tmp_path, "flora"))
+    shapes = wrapper.strategy.module_shapes
+    factor_bytes = sum(4 * r * (d_out + d_in) for r in (4, 8, 16) for d_out, d_in in shapes.values())
+    dense_bytes = sum(4 * d_out * d_in for d_out, d_in in shapes.values())
+    first, second = wrapper.history
+    for record in (first, second):
+        assert record["bytes_down"] == record["bytes_up"] == factor_bytes
+    assert first["bytes_down_global"] == 0 and second["bytes_down_global"] == 3 * dense_bytes
+    assert second["total_bytes_down"] == second["total_bytes_up"] == 2 * factor_bytes
+    # The payloads are the same arrays plus their headers (npy for arrays down, safetensors for updates up).
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    for record, msgs in ((first, train[:3]), (second, train[3:])):
+        arrays = [a for m in msgs for a in m.content["fedlora.start"].values()]
+        assert record["payload_bytes_down"] == sum(len(a.data) for a in arrays)
+        overhead = record["payload_bytes_down"] - record["bytes_down"] - record["bytes_down_global"]
+        assert 0 < overhead < 200 * len(arrays)
+        assert 0 < record["payload_bytes_up"] - record["bytes_up"] < 4096 * 3
+
+    ffa, _ = flower_run(run_settings(dataset, tmp_path / "ffa", "ffalora", rounds=1))
+    (record,) = ffa.history
+    B_bytes = sum(tensor_bytes(torch.empty(d_out, r)) for r in (4, 8, 16) for d_out, _ in shapes.values())
+    assert record["bytes_up"] == B_bytes < record["bytes_down"]  # FFA-LoRA's A is frozen and never uploaded
+
+
+# --------------------------------------------------------- config, example, CLI
+def test_run_config_maps_to_simconfig(tmp_path):
+    cfg, settings = load_run_config({"local-steps": 7, "rank_levels": "2,4", "client-ranks": "2,4,4",
+                                     "rank-distribution": "list", "use-rslora": True, "lr": 0.5,
+                                     "dataset": "data/x.jsonl", "strategy-options.max_rank": 8,
+                                     "clients-per-round": 0.5, "min-nodes": 2, "round-timeout-s": 9},
+                                    base_dir=tmp_path)
+    assert (cfg.local_steps, cfg.rank_levels, cfg.client_ranks, cfg.use_rslora, cfg.lr) == (7, [2, 4], [2, 4, 4],
+                                                                                             True, 0.5)
+    assert cfg.dataset == str(tmp_path / "data" / "x.jsonl") and cfg.strategy_options == {"max_rank": 8}
+    assert cfg.clients_per_round == 0.5
+    assert (settings.min_nodes, settings.round_timeout_s, settings.node_wait_s) == (2, 9.0, 60.0)
+    with pytest.raises(ValueError, match="unknown setting --no_such"):
+        load_run_config({"no-such": 1})
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        load_run_config({"strategy": "fedsgd"})
+
+
+def test_example_app_config():
+    from flwr.cli.config_utils import load_and_validate
+
+    config, warnings = load_and_validate(EXAMPLE / "pyproject.toml")
+    assert warnings == []
+    assert "federations" not in config["tool"]["flwr"]  # flwr 1.41 would move it out and rewrite this file
+    run_config = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg, settings = load_run_config(run_config, base_dir=EXAMPLE)
+    assert cfg.model == "tiny-random-llama" and cfg.client_ranks == [4, 8, 16] and cfg.lora_dropout == 0.0
+    assert cfg.dataset == str(EXAMPLE / "data" / "clients.jsonl")
+    assert settings.min_nodes == 0
+
+
+def test_cli_flower_commands_and_connection(tmp_path, monkeypatch, capsys):
+    assert main(["flower", "commands", "--nodes", "3", "--port", "9100"]) == 0
+    out = capsys.readouterr().out
+    assert "0.0.0.0" not in out
+    assert "flower-superlink --insecure --host 127.0.0.1 --port 9100 --disable-runtime-dependency-installation" in out
+    for k in range(3):
+        assert f"--node-config 'partition-id={k} num-partitions=3'" in out
+    assert "export FLWR_TELEMETRY_ENABLED=0" in out and "flwr run examples/flower fedlora --stream" in out
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    assert main(["flower", "connection", "remote", "--address", "10.1.2.3:9093"]) == 2  # no TLS, not insecure
+    assert main(["flower", "connection", "loop", "--address", "127.0.0.1:9100", "--insecure", "--default"]) == 0
+    assert main(["flower", "connection", "sim3", "--simulation", "--num-supernodes", "3"]) == 0
+    from flwr.cli.flower_config import read_superlink_connection
+
+    loop = read_superlink_connection(None)  # the default
+    assert (loop.name, loop.address, loop.insecure) == ("loop", "127.0.0.1:9100", True)
+    sim = read_superlink_connection("sim3")
+    assert sim.address == ":local:" and sim.options.num_supernodes == 3
