@@ -73,9 +73,20 @@ def assert_same_global(flower_strategy, simulated_strategy, tol: float = 1e-5) -
     return worst
 
 
-def simulated(settings: dict, output_dir: Path):
-    """``fedlora simulate`` of the same job (written elsewhere)."""
-    return simulation.simulate(SimConfig.from_dict(dict(settings, output_dir=str(output_dir))))
+def simulated(settings: dict, output_dir: Path, threads: int | None = None):
+    """``fedlora simulate`` of the same job (written elsewhere).
+
+    threads: torch's CPU threads for it, to match the nodes'. The reduction order of
+    a matmul depends on them, and a few Adam steps turn that rounding into ~5e-5
+    relative differences, so like is compared with like.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return simulation.simulate(SimConfig.from_dict(dict(settings, output_dir=str(output_dir))))
+    finally:
+        torch.set_num_threads(before)
 
 
 class LocalGrid(Grid):

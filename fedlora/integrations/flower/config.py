@@ -9,8 +9,8 @@ and ``config`` may name a TOML file of settings, read first, as
 Flower-only settings.
 
 Flower, Ray and the Flower runtime reach for the network unless told not to
-(telemetry, update checks, ``uv sync`` of app dependencies);
-:func:`quiet_flower_env` turns all of that off.
+(telemetry, update checks, ``uv sync`` of app dependencies, Ray servers on
+every interface); :func:`quiet_flower_env` turns all of that off.
 """
 from __future__ import annotations
 
@@ -29,11 +29,15 @@ QUIET_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray on one machine: its node address is 127.0.0.1 and every Ray server binds there, not on all
+    # interfaces (the name is Ray's; "0" turns its multi-machine mode off on Linux too).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
 
 def quiet_flower_env(environ: dict | None = None) -> dict:
-    """Turn off Flower's telemetry and update checks, runtime ``uv sync`` and Ray's usage stats.
+    """Turn off Flower's telemetry and update checks, runtime ``uv sync``, Ray's usage stats and its
+    multi-machine mode (Ray then binds to 127.0.0.1 only).
 
     Only fills variables that are unset (``environ`` defaults to ``os.environ``).
     """

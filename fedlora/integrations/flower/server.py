@@ -1,10 +1,11 @@
 """fedlora's Flower ServerApp: run a FedLoRAStrategy for ``cfg.rounds`` rounds and save the result.
 
 Writes into ``cfg.output_dir`` (relative to the ServerApp's working directory):
-``config.json``, ``metrics.jsonl`` and ``strategy.safetensors`` (rewritten after
-every round), ``nodes.json`` (which node held which client, and the nodes left
-out) and ``adapter/`` (the global update as a PEFT adapter, as ``fedlora
-simulate`` exports it).
+``config.json``; ``metrics.jsonl`` and ``strategy.safetensors``, rewritten after
+every round; ``progress.json``, the round under way and the nodes it waits for;
+at the end ``nodes.json`` (which node held which client, and the nodes left out)
+and ``adapter/`` (the global update as a PEFT adapter, as ``fedlora simulate``
+exports it).
 """
 from __future__ import annotations
 

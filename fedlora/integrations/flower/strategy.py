@@ -15,7 +15,8 @@ what ``fedlora simulate`` does per round, over a Flower Grid:
    rest with ``strategy.aggregate`` (which validates each update);
 5. record the round (accepted, rejected with reasons, missing nodes, bytes up and
    down) and, with an ``output_dir``, write ``metrics.jsonl`` and the strategy
-   state after every round.
+   state after every round (and ``progress.json``, the nodes a round waits for,
+   when it starts).
 """
 from __future__ import annotations
 
@@ -140,6 +141,11 @@ class FedLoRAStrategy(FlowerStrategy):
                        "bytes_down_global": delta_bytes * len(messages), "payload_bytes_down": payload_down,
                        "available": [p.client_id for p in population]}
         log.info("round %d: %d of %d nodes sampled", round_idx, len(picked), len(population))
+        if self.output_dir is not None:  # what the round waits for, while it waits (a round can take hours)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.output_dir / "progress.json", json.dumps({
+                "round": round_idx, "waiting_for": {p.client_id: node for node, (p, _) in self._sent.items()},
+                "not_started": not_started, "rounds_done": len(self.history)}).encode())
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
