@@ -49,17 +49,21 @@ def flower_run(settings: dict, grid_kw: dict | None = None, before_train=None):
     return run_server(grid, cfg, FAST), grid
 
 
-STRATEGY_KW = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {},
-               "fedavg": {"strategy_options": {"heterogeneous": "bucket"}}}
+RUNS = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {},
+        "fedavg": {"strategy_options": {"heterogeneous": "bucket"}},
+        "flora-nf4": {"quantization": "nf4"}}  # FLoRA's global update beside a 4-bit base on every node
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGY_KW))
-def test_in_process_run_equals_simulate(strategy, dataset, tmp_path):
-    settings = run_settings(dataset, tmp_path / "flower", strategy, **STRATEGY_KW[strategy])
+@pytest.mark.parametrize("run", list(RUNS))
+def test_in_process_run_equals_simulate(run, dataset, tmp_path):
+    strategy, _, quantization = run.partition("-")
+    if quantization:
+        pytest.importorskip("bitsandbytes", reason="needs the quant extra")
+    settings = run_settings(dataset, tmp_path / "flower", strategy, **RUNS[run])
     wrapper, _ = flower_run(settings)
     reference = simulated(settings, tmp_path / "sim")
     worst = assert_same_global(wrapper.strategy, reference.strategy)
-    print(f"{strategy}: max relative difference of the global deltas {worst:.1e}")
+    print(f"{run}: max relative difference of the global deltas {worst:.1e}")
     for got, want in zip(wrapper.history, reference.metrics, strict=True):
         for key in ("round", "clients", "ranks", "trained_ranks", "accepted", "rejected", "bytes_up", "bytes_down"):
             assert got[key] == want[key], key

@@ -223,7 +223,7 @@ class FedLoRAStrategy(FlowerStrategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return []  # the global model is evaluated where the data is: see README, "Running fedlora on Flower"
+        return []  # no federated evaluation round (yet): the exported adapter is evaluated offline
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
