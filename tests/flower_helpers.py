@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedlora.integrations.flower.config import QUIET_ENV
@@ -22,21 +21,15 @@ from fedlora.federated import simulation  # noqa: E402
 from fedlora.federated.config import SimConfig  # noqa: E402
 
 from .conftest import rel_err  # noqa: E402
+from .test_simulation import write_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flower"
 
 
 def write_clients_jsonl(path: Path, num_clients: int = 3, per_client: int = 8) -> Path:
-    """Short instruction records (they fit seq_len 48 with the byte tokenizer), ``per_client`` per client."""
-    rng = np.random.default_rng(1)
-    lines = []
-    for k in range(num_clients):
-        for _ in range(per_client):
-            word = "".join(rng.choice(list("abcdef"), size=3))
-            lines.append({"client": f"user{k}", "instruction": f"Repeat {word}", "output": " ".join([word] * 4)})
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+    """Short instruction records of one length (they fit seq_len 48 with the byte tokenizer): test_simulation's."""
+    return write_jsonl(path, num_clients, per_client)
 
 
 def run_settings(dataset: Path, output_dir: Path, strategy: str = "flexlora", **kw) -> dict:
