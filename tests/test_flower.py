@@ -166,6 +166,24 @@ def test_a_node_lost_after_its_profile_is_missing(dataset, tmp_path):
     assert record["missing"] == {"user1": "node 1001: no reply (node lost, crashed, or slower than the round timeout)"}
 
 
+def test_a_restarted_node_takes_its_client_back(dataset, tmp_path):
+    """Node 1001 goes away after round 0; its client's SuperNode comes back as node 1003."""
+    class Restart(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if len(self.sent) >= 6 and 1001 in self.contexts:  # 3 profiles + round 0's 3 train messages
+                self.contexts[1003] = self.contexts.pop(1001)
+                self.contexts[1003].node_id = 1003
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora"))
+    wrapper = run_server(Restart(client_app(cfg), 3), cfg, FAST)
+    first, second = wrapper.history
+    assert first["nodes"]["user1"] == 1001 and second["nodes"]["user1"] == 1003
+    assert first["accepted"] == second["accepted"] == ["user0", "user1", "user2"]
+    assert sorted(wrapper.profiles) == [1000, 1002, 1003] and wrapper.node_errors == {}
+
+
 def test_bytes_accounting(dataset, tmp_path):
     """Down: each node's factors at its rank (+ FLoRA's dense global delta after round 0); up: what it trains."""
     wrapper, grid = flower_run(run_settings(dataset, tmp_path, "flora"))

@@ -192,6 +192,7 @@ class FedLoRAStrategy(FlowerStrategy):
         self.totals["bytes_down"] += info["bytes_down"]
         record = {
             "round": info["round"],
+            "available": info["available"],  # clients whose node was connected (simulate samples from them)
             "clients": [p.client_id for p, _ in sent],
             "nodes": {p.client_id: p.node_id for p, _ in sent},
             "ranks": [p.rank for p, _ in sent],
@@ -263,15 +264,21 @@ class FedLoRAStrategy(FlowerStrategy):
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         replies = {int(m.metadata.src_node_id): m for m in
                    grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)}
+        connected = set(grid.get_node_ids())
         for node_id in node_ids:
             if node_id not in replies:
                 self.node_errors[node_id] = "no profile reply"
                 continue
             try:
                 profile = decode_profile(replies[node_id])
-                reason = self._profile_problem(profile)
             except ValueError as exc:
                 reason = str(exc)
+            else:
+                # A restarted SuperNode comes back under a new id: it takes its client over from the old one.
+                for old in [n for n, p in self.profiles.items() if p.client_id == profile.client_id]:
+                    if old not in connected:
+                        del self.profiles[old]
+                reason = self._profile_problem(profile)
             if reason is None:
                 self.profiles[node_id] = profile
             else:
