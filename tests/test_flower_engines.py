@@ -120,7 +120,8 @@ class Loopback:
             "insecure = true\n")
         self.procs: dict[str, subprocess.Popen] = {}
         self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else [])])
+                                  "--disable-runtime-dependency-installation",
+                                  *(["--simulation"] if simulation else [])])
         self._wait_healthy()
 
     def _start(self, name: str, cmd: list[str]) -> None:
@@ -185,7 +186,8 @@ class Loopback:
         """Wait for the run's adapter in ``out`` (written last), then for flwr to call the run finished."""
         deadline, next_check = time.monotonic() + timeout, time.monotonic() + 15
         while not (out / "adapter").is_dir():
-            assert time.monotonic() < deadline, f"run {run_id} not done in {timeout} s:\n{self.log('superlink')[-3000:]}"
+            assert time.monotonic() < deadline, f"run {run_id} unfinished after {timeout} s:\n" + \
+                self.log("superlink")[-3000:]
             assert self.procs["superlink"].poll() is None, self.log("superlink")[-3000:]
             if time.monotonic() > next_check:  # fail fast on a failed run
                 run, next_check = self.status(run_id), time.monotonic() + 15

@@ -57,7 +57,7 @@ STATE_STYPE = "fedlora.strategy"  # an Array whose data is Strategy.to_bytes()
 
 
 def start_factors(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int):
-    """What ``fedlora simulate`` hands a client of ``rank``: per-module ranks from cfg.rank_pattern, simulate's alphas."""
+    """What ``fedlora simulate`` hands a client of ``rank``: module ranks from cfg.rank_pattern, simulate's alphas."""
     per_module = module_ranks(rank, strategy.module_shapes, cfg.rank_pattern)
     return strategy.distribute(rank, client_id=client_id, module_ranks=per_module,
                                alpha={n: _alpha(cfg, r) for n, r in per_module.items()})

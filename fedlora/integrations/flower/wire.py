@@ -32,7 +32,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedlora.federated.update import ClientUpdate
 
-PROFILE, START, ROUND, UPDATE, METRICS = "fedlora.profile", "fedlora.start", "fedlora.round", "fedlora.update", "metrics"
+PROFILE, START, ROUND, UPDATE = "fedlora.profile", "fedlora.start", "fedlora.round", "fedlora.update"
+METRICS = "metrics"
 UPDATE_STYPE = "fedlora.update"  # an Array whose data is a ClientUpdate safetensors blob
 _A, _B, _DELTA = ".lora_A", ".lora_B", ".delta"
 
