@@ -52,7 +52,7 @@ BIN = Path(sys.executable).parent
 
 # ------------------------------------------------------------ simulation engine
 @pytest.fixture
-def ray_simulation(monkeypatch):
+def ray_simulation(monkeypatch, tmp_path):
     """run_simulation(...) on this machine's CPUs, one torch thread per node.
 
     Ray hands this process's sys.path to its workers (as PYTHONPATH, also left in this
@@ -64,6 +64,7 @@ def ray_simulation(monkeypatch):
 
     saved = os.environ.get("PYTHONPATH")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != ROOT])
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))  # flwr writes an id file there, even offline
 
     def run(cfg: SimConfig, num_nodes: int = 3):
         # One CPU per actor: Ray sets OMP_NUM_THREADS=1 in it, so torch trains each node on one thread.
