@@ -2,8 +2,7 @@
 
 * the simulation engine (Ray, ``run_simulation`` in this process): 3 nodes of ranks
   4/8/16, 2 rounds, FlexLoRA and FLoRA: the global adapter equals ``fedlora simulate``'s
-  (and, with FEDLORA_SLOW_TESTS=1, ``flwr run examples/flower`` in a SuperLink's
-  simulation runtime, as a user runs it);
+  (and ``flwr run examples/flower`` in a SuperLink's simulation runtime, as a user runs it);
 * the deployment engine: ``flower-superlink`` and two ``flower-supernode`` processes on
   127.0.0.1, the example app started with ``flwr run``: the same result as simulate;
   a SuperNode killed mid-round is reported missing and the round goes on.
@@ -265,8 +264,6 @@ def test_deployment_engine_supernode_killed_mid_round(deployment, tmp_path):
 
 
 # ------------------------------------------- flwr run, simulation runtime (Ray)
-@pytest.mark.skipif(os.environ.get("FEDLORA_SLOW_TESTS") != "1",
-                    reason="~45 s on 2 cores; the same app and engine as above: set FEDLORA_SLOW_TESTS=1 to run it")
 def test_flwr_run_example_in_the_simulation_runtime_equals_simulate(tmp_path):
     """`flwr run examples/flower` as a user runs it (here against a SuperLink of our own): FLoRA, 3 nodes."""
     link = Loopback(tmp_path / "sim-link", simulation=True)

@@ -29,6 +29,9 @@ def test_overrides_are_typed_like_their_fields():
     assert cfg.clients_per_round == 0.25
     assert SimConfig.load(None, ["--clients_per_round", "6"]).clients_per_round == 6
     assert cfg.strategy_options == {"max_rank": 8, "svd_method": "factored", "min_updates": 2}
+    # a rank_pattern key is a regex: its hyphens are not option-name hyphens
+    cfg = SimConfig.load(None, ["--rank-pattern.[a-z]-proj", "0.5", "--strategy-options.max-rank", "4"])
+    assert cfg.rank_pattern == {"[a-z]-proj": 0.5} and cfg.strategy_options == {"max_rank": 4}
 
 
 def test_client_ranks_comma_list_are_ints():

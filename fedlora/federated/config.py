@@ -186,8 +186,10 @@ def parse_overrides(args: list[str], fields: dict[str, dataclasses.Field]) -> di
                 raise ValueError(f"--{key} needs a value")
             value, i = args[i + 1], i + 1
         i += 1
-        key = key.replace("-", "_")
         top, _, sub = key.partition(".")
+        top = top.replace("-", "_")  # --local-steps == --local_steps
+        if top == "strategy_options":  # keyword names; a rank_pattern key is a regex and stays as typed
+            sub = sub.replace("-", "_")
         if top not in fields:
             raise ValueError(f"unknown setting --{key}; known: {sorted(fields)}")
         if sub:  # --strategy_options.max_rank 8: a JSON value when it parses, else a string

@@ -122,6 +122,14 @@ def _alpha(cfg: SimConfig, rank: int) -> float:
     return float(cfg.lora_alpha) if cfg.lora_alpha > 0 else 2.0 * rank
 
 
+def start_factors(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int):
+    """What a client of ``rank`` starts a round from: each module at its rank from cfg.rank_pattern,
+    with the run's alphas (the same on one machine and on Flower)."""
+    per_module = module_ranks(rank, strategy.module_shapes, cfg.rank_pattern)
+    return strategy.distribute(rank, client_id=client_id, module_ranks=per_module,
+                               alpha={n: _alpha(cfg, r) for n, r in per_module.items()})
+
+
 def _num_sampled(cfg: SimConfig, available: int) -> int:
     k = cfg.clients_per_round
     k = int(round(k * available)) if k < 1 else int(k)
@@ -258,18 +266,14 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
 
     _plot(metrics, out / "metrics.png")
     export_rank = cfg.export_rank or max(ranks)
-    adapter_dir = export_peft_adapter(strategy, fm, out / "adapter", export_rank, cfg)
+    adapter_dir = export_peft_adapter(strategy, out / "adapter", export_rank, cfg)
     return SimulationResult(out, metrics, strategy, adapter_dir, rank_of)
 
 
 def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, rank_of, pad_id, update_hook):
     ids = [c.client_id for c in sampled]
     ranks = [rank_of[c] for c in ids]
-    starts = []
-    for cid, r in zip(ids, ranks):
-        per_module = module_ranks(r, fm.module_shapes, cfg.rank_pattern)
-        starts.append(strategy.distribute(r, client_id=cid, module_ranks=per_module,
-                                          alpha={n: _alpha(cfg, rm) for n, rm in per_module.items()}))
+    starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
     # FedAvg's bucket mode may serve less than asked; a client's rank is its largest module rank.
     served = [max(a.shape[0] for a, _, _ in f.values()) for f in starts]
     fm.load_clients(starts)
@@ -393,7 +397,7 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def export_peft_adapter(strategy: Strategy, fm: FederatedModel, path: Path, rank: int, cfg: SimConfig) -> Path:
+def export_peft_adapter(strategy: Strategy, path: Path, rank: int, cfg: SimConfig) -> Path:
     """Save the global update as a PEFT LoRA adapter of ``rank`` (best rank-r approximation per module).
 
     With ``cfg.rank_pattern`` each module gets the rank the pattern gives a

@@ -33,9 +33,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedlora.federated.config import SimConfig
-from fedlora.federated.ranks import module_ranks
 from fedlora.federated.rng import stable_seed
-from fedlora.federated.simulation import _alpha, _num_sampled, _tensor_bytes, export_peft_adapter, make_strategy
+from fedlora.federated.simulation import (_num_sampled, _tensor_bytes, export_peft_adapter, make_strategy,
+                                          start_factors)
 from fedlora.federated.update import atomic_write
 from fedlora.strategies import FLoRA, Strategy
 
@@ -54,13 +54,6 @@ log = logging.getLogger("fedlora.flower")
 
 StrategyFactory = Callable[[dict[str, tuple[int, int]], list[int]], Strategy]
 STATE_STYPE = "fedlora.strategy"  # an Array whose data is Strategy.to_bytes()
-
-
-def start_factors(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int):
-    """What ``fedlora simulate`` hands a client of ``rank``: module ranks from cfg.rank_pattern, simulate's alphas."""
-    per_module = module_ranks(rank, strategy.module_shapes, cfg.rank_pattern)
-    return strategy.distribute(rank, client_id=client_id, module_ranks=per_module,
-                               alpha={n: _alpha(cfg, r) for n, r in per_module.items()})
 
 
 class FedLoRAStrategy(FlowerStrategy):
@@ -309,8 +302,7 @@ class FedLoRAStrategy(FlowerStrategy):
         """The global update as a PEFT adapter at cfg.export_rank (0: the largest node rank), as simulate exports it."""
         cfg = cfg or self.cfg
         rank = cfg.export_rank or max(p.rank for p in self.profiles.values())
-        # export_peft_adapter never uses its FederatedModel argument; the server has no model.
-        return export_peft_adapter(self.strategy, None, Path(path), rank, cfg)
+        return export_peft_adapter(self.strategy, Path(path), rank, cfg)
 
 
 def node_summary(strategy: FedLoRAStrategy) -> Mapping[str, object]:
