@@ -26,8 +26,18 @@ from flwr.app import Array, ArrayRecord, Message, MessageType  # noqa: E402
 
 from fedlora.cli import main  # noqa: E402
 from fedlora.federated.config import SimConfig  # noqa: E402
+from fedlora.federated.update import ClientUpdate  # noqa: E402
 from fedlora.integrations.flower import FlowerSettings, client_app, load_run_config, run_server  # noqa: E402
-from fedlora.integrations.flower.wire import UPDATE, decode_reply, decode_train, encode_reply  # noqa: E402
+from fedlora.integrations.flower.wire import (  # noqa: E402
+    UPDATE,
+    decode_reply,
+    decode_train,
+    encode_reply,
+    encode_train,
+    global_arrays,
+)
+from fedlora.strategies import FLoRA  # noqa: E402
+from fedlora.strategies.flora import merge_parts  # noqa: E402
 
 try:
     import tomllib
@@ -185,15 +195,16 @@ def test_a_restarted_node_takes_its_client_back(dataset, tmp_path):
 
 
 def test_bytes_accounting(dataset, tmp_path):
-    """Down: each node's factors at its rank (+ FLoRA's dense global delta after round 0); up: what it trains."""
+    """Down: each node's factors at its rank (+ FLoRA's global parts after round 0); up: what it trains."""
     wrapper, grid = flower_run(run_settings(dataset, tmp_path, "flora"))
     shapes = wrapper.strategy.module_shapes
     factor_bytes = sum(4 * r * (d_out + d_in) for r in (4, 8, 16) for d_out, d_in in shapes.values())
-    dense_bytes = sum(4 * d_out * d_in for d_out, d_in in shapes.values())
+    # FLoRA's global parts: the stack of 4 + 8 + 16 ranks, or the dense matrix it was folded into when larger
+    global_bytes = sum(4 * min(28 * (d_out + d_in), d_out * d_in) for d_out, d_in in shapes.values())
     first, second = wrapper.history
     for record in (first, second):
         assert record["bytes_down"] == record["bytes_up"] == factor_bytes
-    assert first["bytes_down_global"] == 0 and second["bytes_down_global"] == 3 * dense_bytes
+    assert first["bytes_down_global"] == 0 and second["bytes_down_global"] == 3 * global_bytes
     assert second["total_bytes_down"] == second["total_bytes_up"] == 2 * factor_bytes
     # The payloads are the same arrays plus their headers (npy for arrays down, safetensors for updates up).
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
@@ -260,3 +271,29 @@ def test_cli_flower_commands_and_connection(tmp_path, monkeypatch, capsys):
     assert (loop.name, loop.address, loop.insecure) == ("loop", "127.0.0.1:9100", True)
     sim = read_superlink_connection("sim3")
     assert sim.address == ":local:" and sim.options.num_supernodes == 3
+
+
+def test_flora_global_parts_travel_as_stacks_until_they_outgrow_dense():
+    """A node rebuilds FLoRA's global update from the parts sent: stacked factors for modules whose
+    stack is still smaller than a dense matrix, the dense matrix (plus any newer stack) for the rest."""
+    shapes = {"big": (64, 48), "small": (8, 6)}
+    flora = FLoRA()
+    flora.init_global(shapes)
+    gen = torch.Generator().manual_seed(3)
+    for ranks in ((2, 2), (1, 1)):  # round 0 folds 'small' (4 * 14 > 48) into dense; round 1 stacks 2 more
+        updates = []
+        for k, r in enumerate(ranks):
+            modules = {n: (torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen), 2.0 * r)
+                       for n, (d_out, d_in) in shapes.items()}
+            updates.append(ClientUpdate(f"c{k}", 5 + k, r, modules))
+        flora.aggregate(updates)
+    parts = flora.global_parts()
+    assert parts["big"][0] is None and parts["big"][1].shape == (6, 48)
+    assert parts["small"][0] is not None and parts["small"][1].shape[0] == 2
+    content = encode_train(2, 3, "c0", flora.distribute(2, "c0"), global_arrays(parts), train_A=True)
+    assert {"big.global_A", "small.global_A", "small.global_dense"} <= set(content["fedlora.start"])
+    task = decode_train(content)
+    assert "big.global_dense" not in content["fedlora.start"]
+    rebuilt, want = merge_parts(task.global_parts), flora.global_deltas()
+    for name in shapes:
+        assert torch.equal(rebuilt[name], want[name]) and want[name].abs().max() > 0

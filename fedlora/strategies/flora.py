@@ -20,9 +20,13 @@ round's stacked factors are kept too (``round_factors``): that is what the
 paper broadcasts, for clients that add it to their own copy of the model.
 
 ``merged_delta(name)`` / ``base_deltas()`` give D; fold it beside the base
-with :func:`fedlora.federated.fold.fold_deltas`.
+with :func:`fedlora.federated.fold.fold_deltas`. A client on another machine
+needs only ``global_parts()`` (the stack while it is smaller than a dense
+matrix) and rebuilds D with :func:`merge_parts`.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -58,23 +62,22 @@ class FLoRA(Strategy):
             if A.shape[0] * (d_out + d_in) > d_out * d_in:
                 full.append(name)
             self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B
-        for name, delta in self._stack_products(full).items():
-            self._tensors[f"{name}.dense"] = self._dense(name) + delta
+        stacks = {n: (self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in full}
+        for name, delta in stack_products(stacks).items():
+            self._tensors[f"{name}.dense"] = self._dense(name) + delta.to(self.dtype)
             self._tensors[f"{name}.A"] = self._tensors[f"{name}.A"][:0].contiguous()
             self._tensors[f"{name}.B"] = self._tensors[f"{name}.B"][:, :0].contiguous()
 
-    def _stack_products(self, names) -> dict[str, torch.Tensor]:
-        """B_stack A_stack of each module in ``names`` with a non-empty stack, one lora_delta per shape."""
-        out = {}
-        for group in self._groups().values():
-            group = [n for n in group if n in names and self._tensors[f"{n}.A"].shape[0] > 0]
-            if not group:
-                continue
-            banks = [AdapterBank(self._tensors[f"{n}.A"], self._tensors[f"{n}.B"], [self._tensors[f"{n}.A"].shape[0]],
-                                 1.0) for n in group]  # one adapter of rank R, scaling 1: B carries p_k s_k
-            deltas = ops.lora_delta(banks)  # one launch per shape group
-            out.update({n: d.to(self.dtype) for n, d in zip(group, deltas)})
-        return out
+    def global_parts(self, names=None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """Per module (dense or None, A_stack [R, d_in], B_stack [d_out, R]): D = dense + B_stack A_stack.
+
+        What a client needs to rebuild the global model: R (d_out + d_in) numbers
+        while the stack is smaller than a dense matrix (``merge_parts`` rebuilds D).
+        """
+        self._require_init()
+        names = list(self.module_shapes) if names is None else list(names)
+        return {n: (self._tensors[f"{n}.dense"] if self._tensors[f"{n}.dense"].dim() == 2 else None,
+                    self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in names}
 
     def round_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round."""
@@ -94,14 +97,35 @@ class FLoRA(Strategy):
 
     def base_deltas(self, names=None) -> dict[str, torch.Tensor]:
         """merged_delta of ``names`` (default all), one batched lora_delta per shape group."""
-        self._require_init()
-        names = list(self.module_shapes) if names is None else list(names)
-        out = {n: self._dense(n).clone() for n in names}
-        for n, d in self._stack_products(names).items():
-            out[n] += d
-        return out
+        return merge_parts(self.global_parts(names))
 
     def _dense(self, name: str) -> torch.Tensor:
         dense = self._tensors[f"{name}.dense"]
         return dense if dense.dim() == 2 else torch.zeros(self.module_shapes[name], dtype=self.dtype,
                                                            device=self.device)
+
+
+def stack_products(stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """B A of each module's non-empty stack (A [R, d_in], B [d_out, R]), one lora_delta launch per shape."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (A, B) in stacks.items():
+        if A.shape[0] > 0:
+            groups.setdefault((B.shape[0], A.shape[1], A.dtype), []).append(name)
+    out = {}
+    for group in groups.values():
+        # one adapter of rank R and scaling 1 per module: B already carries p_k s_k
+        banks = [AdapterBank(stacks[n][0], stacks[n][1], [stacks[n][0].shape[0]], 1.0) for n in group]
+        out.update(zip(group, ops.lora_delta(banks)))
+    return out
+
+
+def merge_parts(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """D = dense + B_stack A_stack of every module of :meth:`FLoRA.global_parts`, dense [d_out, d_in]."""
+    products = stack_products({n: (A, B) for n, (_, A, B) in parts.items()})
+    out = {}
+    for name, (dense, A, B) in parts.items():
+        delta = dense.clone() if dense is not None else B.new_zeros(B.shape[0], A.shape[1])
+        if name in products:
+            delta += products[name].to(delta.dtype)
+        out[name] = delta
+    return out

@@ -34,6 +34,7 @@ from fedlora.federated.rng import stable_seed
 from fedlora.federated.simulation import _device, _dtype, _local_steps, load_data
 from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
 from fedlora.federated.update import ClientUpdate
+from fedlora.strategies.flora import merge_parts
 
 from .config import load_run_config
 from .wire import NodeProfile, TrainInstruction, decode_train, encode_profile, encode_reply
@@ -94,7 +95,7 @@ def train_client(cfg: SimConfig, data: LocalData, client: ClientDataset, task: T
     fm = data.fm
     factors = task.factors
     fm.load_clients([factors])
-    fm.set_deltas(task.deltas)
+    fm.set_deltas(merge_parts(task.global_parts) if task.global_parts else None)
     plan = LocalPlan(steps=[_local_steps(cfg, client.num_examples)], batch_size=cfg.batch_size, lr=cfg.lr,
                      lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                      momentum=cfg.momentum, batched=cfg.mode == "batched", train_A=task.train_A)

@@ -44,7 +44,7 @@ from .wire import (
     NodeProfile,
     decode_profile,
     decode_reply,
-    delta_arrays,
+    global_arrays,
     encode_train,
     error_reason,
     payload_bytes,
@@ -108,11 +108,12 @@ class FedLoRAStrategy(FlowerStrategy):
         population = sorted((p for n, p in self.profiles.items() if n in connected), key=lambda p: p.client_index)
         picked = self.sample(round_idx, population)
         strategy = self.strategy
-        # Strategies that train on top of the global update (FLoRA) send it along, built once per round
-        # (none before the first aggregation: it is zero, as no delta at all).
-        global_deltas = strategy.global_deltas() if isinstance(strategy, FLoRA) and strategy.round else {}
-        deltas = delta_arrays(global_deltas) if global_deltas else None
-        delta_bytes = sum(d.numel() * d.element_size() for d in global_deltas.values())
+        # Strategies that train on top of the global update (FLoRA) send it along as its parts (the
+        # stacked factors while they are smaller than a dense matrix), built once per round; none
+        # before the first aggregation (the update is zero then).
+        parts = strategy.global_parts() if isinstance(strategy, FLoRA) and strategy.round else {}
+        deltas = global_arrays(parts) if parts else None
+        delta_bytes = sum(t.numel() * t.element_size() for part in parts.values() for t in part if t is not None)
         messages, self._sent, not_started = [], {}, {}
         bytes_down = payload_down = 0
         for profile in picked:

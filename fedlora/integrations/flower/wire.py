@@ -7,9 +7,10 @@ Three exchanges, each one Flower ``Message`` with a ``RecordDict``:
   examples, module shapes as JSON).
 * train (``train``): the server sends the factors for the node's own rank
   (``fedlora.start`` ArrayRecord: ``{module}.lora_A`` [r, d_in],
-  ``{module}.lora_B`` [d_out, r], plus ``{module}.delta`` [d_out, d_in], the
-  global update beside the base, for strategies that train on top of it
-  (FLoRA)) and the round (``fedlora.round`` ConfigRecord: round index, client
+  ``{module}.lora_B`` [d_out, r]; for strategies that train on top of the global
+  update (FLoRA) also its parts: ``{module}.global_A`` [R, d_in] and
+  ``{module}.global_B`` [d_out, R], the stacked factors, and ``{module}.global_dense``
+  [d_out, d_in] once a module's stack has been folded into a dense matrix) and the round (``fedlora.round`` ConfigRecord: round index, client
   id, per-module alphas as JSON, whether A trains).
 * reply: the node's :class:`~fedlora.federated.update.ClientUpdate` as its
   safetensors blob, one ``Array`` of stype ``fedlora.update`` in the
@@ -35,7 +36,8 @@ from fedlora.federated.update import ClientUpdate
 PROFILE, START, ROUND, UPDATE = "fedlora.profile", "fedlora.start", "fedlora.round", "fedlora.update"
 METRICS = "metrics"
 UPDATE_STYPE = "fedlora.update"  # an Array whose data is a ClientUpdate safetensors blob
-_A, _B, _DELTA = ".lora_A", ".lora_B", ".delta"
+_A, _B = ".lora_A", ".lora_B"
+_GLOBAL = (".global_dense", ".global_A", ".global_B")  # FLoRA's global_parts: (dense or None, A_stack, B_stack)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class TrainInstruction:
     round: int
     client_id: str
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    deltas: dict[str, torch.Tensor] | None
+    global_parts: dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None  # FLoRA.global_parts
     train_A: bool
 
 
@@ -95,9 +97,14 @@ def start_arrays(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
     return out
 
 
-def delta_arrays(deltas: Mapping[str, torch.Tensor]) -> dict[str, Array]:
-    """The global deltas as Arrays, built once per round and shared by every node's message."""
-    return {name + _DELTA: Array(d.detach().cpu().contiguous()) for name, d in deltas.items()}
+def global_arrays(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> dict[str, Array]:
+    """FLoRA's global parts as Arrays, built once per round and shared by every node's message."""
+    out = {}
+    for name, part in parts.items():
+        for suffix, tensor in zip(_GLOBAL, part):
+            if tensor is not None:
+                out[name + suffix] = Array(tensor.detach().cpu().contiguous())
+    return out
 
 
 def encode_train(round_idx: int, server_round: int, client_id: str,
@@ -116,8 +123,14 @@ def decode_train(content: RecordDict) -> TrainInstruction:
     try:
         alphas = json.loads(cfg["alphas"])
         factors = {n: (_tensor(arrays[n + _A]), _tensor(arrays[n + _B]), float(alpha)) for n, alpha in alphas.items()}
-        deltas = {k[: -len(_DELTA)]: _tensor(v) for k, v in arrays.items() if k.endswith(_DELTA)}
-        return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, deltas or None, bool(cfg["train-A"]))
+        parts = {}
+        for key in arrays:
+            if key.endswith(_GLOBAL[1]):
+                name = key[: -len(_GLOBAL[1])]
+                dense = arrays.get(name + _GLOBAL[0])
+                parts[name] = (None if dense is None else _tensor(dense), _tensor(arrays[key]),
+                               _tensor(arrays[name + _GLOBAL[2]]))
+        return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, parts or None, bool(cfg["train-A"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed train message: {type(exc).__name__}: {exc}") from None
 
