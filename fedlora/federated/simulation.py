@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora.data import FederatedData, load_instructions, load_model, load_shakespeare, read_jsonl
+from fedlora.data import ClientDataset, FederatedData, load_instructions, load_model, load_shakespeare, read_jsonl
 from fedlora.data.instructions import partition_by_field
 from fedlora.federated.config import SimConfig
 from fedlora.federated.generation import pick_examples, rouge_l
@@ -179,6 +179,70 @@ class Checkpoints:
         return json.loads((folder / "state.json").read_text())
 
 
+# ------------------------------------------------- what one machine or node loads
+@dataclass
+class RunSetup:
+    """The model wrapped for training and the training clients with their ranks, as a run loads them."""
+
+    fm: FederatedModel
+    tokenizer: object
+    pad_id: int
+    data: FederatedData
+    clients: list[ClientDataset]  # the training clients with examples, in data order
+    ranks: list[int]  # assign_ranks' rank of each of them
+    device: torch.device
+
+
+def setup_run(cfg: SimConfig, data: FederatedData | None = None) -> RunSetup:
+    """Load ``cfg``'s model and data and assign ranks: the same on one machine and on every Flower node."""
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=_dtype(cfg, device),
+                                  quantization=None if cfg.quantization == "none" else cfg.quantization,
+                                  device=device, seed=cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = data if data is not None else load_data(cfg, tokenizer)
+    clients = [c for c in data.train_clients if c.num_examples > 0]
+    if not clients:
+        raise ValueError("the dataset produced no training client with examples")
+    ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
+    fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+    return RunSetup(fm, tokenizer, pad_id, data, clients, ranks, device)
+
+
+# ------------------------------------------------- one round of local training
+def local_plan(cfg: SimConfig, clients, train_A: bool) -> LocalPlan:
+    """The local training of ``clients`` in a round: each its own steps, the run's optimizer and schedule."""
+    return LocalPlan(steps=[_local_steps(cfg, c.num_examples) for c in clients], batch_size=cfg.batch_size,
+                     lr=cfg.lr, lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer,
+                     weight_decay=cfg.weight_decay, momentum=cfg.momentum, batched=cfg.mode == "batched",
+                     train_A=train_A)
+
+
+def client_stream(cfg: SimConfig, round_idx: int, client: ClientDataset) -> ExampleStream:
+    """A client's data order in a round: seeded by (seed, round, client), wherever it trains."""
+    return ExampleStream(client.train, stable_seed(cfg.seed, "data", round_idx, client.client_id))
+
+
+def served_rank(factors) -> int:
+    """A client's rank as served: its largest module rank (FedAvg's bucket mode may serve less than asked)."""
+    return max(a.shape[0] for a, _, _ in factors.values())
+
+
+def trained_update(cfg: SimConfig, fm: FederatedModel, k: int, client: ClientDataset, start, losses) -> ClientUpdate:
+    """Client k's update after local training from ``start``, with its mean training loss."""
+    alpha_of = {name: f[2] for name, f in start.items()}
+    return ClientUpdate(client.client_id, client.num_examples, served_rank(start), fm.client_factors(k, alpha_of),
+                        use_rslora=cfg.use_rslora,
+                        metrics={"train_loss": float(np.mean(losses)) if losses else float("nan")})
+
+
+def upload_bytes(update: ClientUpdate, trainable) -> int:
+    """What a client uploads: the factors it trains (FFA-LoRA's A is frozen and re-derived from the seed)."""
+    return sum(t.numel() * t.element_size() for a, b, _ in update.modules.values()
+               for key, t in (("A", a), ("B", b)) if key in trainable)
+
+
 # ---------------------------------------------------------------- the run
 def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | None = None,
              data: FederatedData | None = None, stop_after: int | None = None) -> SimulationResult:
@@ -196,23 +260,10 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     cfg.validate()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg)
-    dtype = _dtype(cfg, device)
-    torch.manual_seed(cfg.seed)
-
-    model, tokenizer = load_model(cfg.model, dtype=dtype,
-                                  quantization=None if cfg.quantization == "none" else cfg.quantization,
-                                  device=device, seed=cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = data if data is not None else load_data(cfg, tokenizer)
-    clients = [c for c in data.train_clients if c.num_examples > 0]
-    if not clients:
-        raise ValueError("the dataset produced no training client with examples")
-    ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
+    run = setup_run(cfg, data)
+    fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
     rank_of = {c.client_id: r for c, r in zip(clients, ranks)}
-
-    fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
-    strategy = make_strategy(cfg, fm.module_shapes, ranks, device)
+    strategy = make_strategy(cfg, fm.module_shapes, ranks, run.device)
     checkpoints = Checkpoints(out)
     metrics: list[dict] = []
     totals = {"bytes_up": 0, "bytes_down": 0}
@@ -274,15 +325,10 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
     ids = [c.client_id for c in sampled]
     ranks = [rank_of[c] for c in ids]
     starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
-    # FedAvg's bucket mode may serve less than asked; a client's rank is its largest module rank.
-    served = [max(a.shape[0] for a, _, _ in f.values()) for f in starts]
     fm.load_clients(starts)
     fm.set_deltas(strategy.global_deltas() if isinstance(strategy, FLoRA) else None)
-    streams = [ExampleStream(c.train, stable_seed(cfg.seed, "data", round_idx, c.client_id)) for c in sampled]
-    plan = LocalPlan(steps=[_local_steps(cfg, c.num_examples) for c in sampled], batch_size=cfg.batch_size,
-                     lr=cfg.lr, lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer,
-                     weight_decay=cfg.weight_decay, momentum=cfg.momentum, batched=cfg.mode == "batched",
-                     train_A="A" in strategy.trainable)
+    streams = [client_stream(cfg, round_idx, c) for c in sampled]
+    plan = local_plan(cfg, sampled, train_A="A" in strategy.trainable)
     bar = _progress(None, cfg.progress, total=sum(plan.steps), desc=f"round {round_idx} local steps",
                     unit="client-step", leave=False)
     losses = train_clients(fm, sampled, streams, plan, pad_id, progress=bar.update if bar is not None else None)
@@ -291,12 +337,9 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
 
     updates, failed = [], {}
     bytes_up = bytes_down = 0
-    for k, (client, rank) in enumerate(zip(sampled, served)):
-        alpha_of = {name: f[2] for name, f in starts[k].items()}
+    for k, client in enumerate(sampled):
         bytes_down += _tensor_bytes(starts[k])
-        update = ClientUpdate(client.client_id, client.num_examples, rank, fm.client_factors(k, alpha_of),
-                              use_rslora=cfg.use_rslora,
-                              metrics={"train_loss": float(np.mean(losses[k])) if losses[k] else float("nan")})
+        update = trained_update(cfg, fm, k, client, starts[k], losses[k])
         try:
             if update_hook is not None:
                 update = update_hook(update)
@@ -304,9 +347,7 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
             failed[client.client_id] = f"client crashed: {type(exc).__name__}: {exc}"
             log.warning("round %d: %s", round_idx, failed[client.client_id])
             continue
-        # What a client uploads: the factors it trains (FFA-LoRA's A is frozen and re-derived from the seed).
-        bytes_up += sum(t.numel() * t.element_size() for a, b, _ in update.modules.values()
-                        for name, t in (("A", a), ("B", b)) if name in strategy.trainable)
+        bytes_up += upload_bytes(update, strategy.trainable)
         updates.append(update)
     result = strategy.aggregate(updates)
     train_losses = [u.metrics["train_loss"] for u in updates if u.client_id in result.accepted]
@@ -315,7 +356,7 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
         "round": round_idx,
         "clients": ids,
         "ranks": ranks,
-        "trained_ranks": served,
+        "trained_ranks": [served_rank(f) for f in starts],
         "accepted": result.accepted,
         "rejected": {**failed, **result.rejected},
         "state_changed": result.changed,

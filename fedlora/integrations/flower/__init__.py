@@ -15,7 +15,9 @@ quiet_flower_env()  # before flwr is imported: it reads some of these at import 
 
 from .client import client_app, local_data, train_client  # noqa: E402
 from .server import run_server, server_app  # noqa: E402
-from .strategy import FedLoRAStrategy, start_factors  # noqa: E402
+from fedlora.federated.simulation import start_factors  # noqa: E402
+
+from .strategy import FedLoRAStrategy  # noqa: E402
 from .wire import NodeProfile, TrainInstruction  # noqa: E402
 
 __all__ = ["QUIET_ENV", "FedLoRAStrategy", "FlowerSettings", "NodeProfile", "TrainInstruction", "client_app",

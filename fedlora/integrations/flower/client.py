@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.data import ClientDataset, load_model
+from fedlora.data import ClientDataset
 from fedlora.federated.config import SimConfig
-from fedlora.federated.ranks import assign_ranks
 from fedlora.federated.rng import stable_seed
-from fedlora.federated.simulation import _device, _dtype, _local_steps, load_data
-from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
+from fedlora.federated.simulation import RunSetup, client_stream, local_plan, setup_run, trained_update
+from fedlora.federated.trainer import train_clients
 from fedlora.federated.update import ClientUpdate
 from fedlora.strategies.flora import merge_parts
 
@@ -43,41 +39,20 @@ from .wire import NodeProfile, TrainInstruction, decode_train, encode_profile, e
 TrainHook = Callable[[Context, TrainInstruction], None]
 
 
-@dataclass
-class LocalData:
-    """What a node loads once: the model wrapped for training, the training clients and their ranks."""
-
-    fm: FederatedModel
-    pad_id: int
-    clients: list[ClientDataset]
-    ranks: list[int]
+_LOADED: dict[str, RunSetup] = {}
 
 
-_LOADED: dict[str, LocalData] = {}
-
-
-def local_data(cfg: SimConfig) -> LocalData:
-    """Model, data and ranks as ``fedlora simulate`` sets them up, cached per configuration."""
+def local_data(cfg: SimConfig) -> RunSetup:
+    """Model, data and ranks as ``fedlora simulate`` sets them up (``setup_run``), cached per configuration."""
     key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "progress", "resume")},
                      sort_keys=True, default=str)
     if key not in _LOADED:
         _LOADED.clear()  # one configuration at a time: a node serves one run
-        device = _device(cfg)
-        torch.manual_seed(cfg.seed)
-        model, tokenizer = load_model(cfg.model, dtype=_dtype(cfg, device),
-                                      quantization=None if cfg.quantization == "none" else cfg.quantization,
-                                      device=device, seed=cfg.seed)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        clients = [c for c in load_data(cfg, tokenizer).train_clients if c.num_examples > 0]
-        if not clients:
-            raise ValueError("the dataset produced no training client with examples")
-        ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
-        fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
-        _LOADED[key] = LocalData(fm, pad_id, clients, ranks)
+        _LOADED[key] = setup_run(cfg)
     return _LOADED[key]
 
 
-def node_client(context: Context, data: LocalData) -> tuple[int, ClientDataset, int]:
+def node_client(context: Context, data: RunSetup) -> tuple[int, ClientDataset, int]:
     """(partition-id, the client this node holds, its rank) from the node's config."""
     node_config = context.node_config
     if "partition-id" not in node_config:
@@ -90,23 +65,18 @@ def node_client(context: Context, data: LocalData) -> tuple[int, ClientDataset, 
     return index, data.clients[index], rank
 
 
-def train_client(cfg: SimConfig, data: LocalData, client: ClientDataset, task: TrainInstruction) -> ClientUpdate:
+def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: TrainInstruction) -> ClientUpdate:
     """One round of local training of ``client`` from the factors the server sent."""
     fm = data.fm
     factors = task.factors
     fm.load_clients([factors])
     fm.set_deltas(merge_parts(task.global_parts) if task.global_parts else None)
-    plan = LocalPlan(steps=[_local_steps(cfg, client.num_examples)], batch_size=cfg.batch_size, lr=cfg.lr,
-                     lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                     momentum=cfg.momentum, batched=cfg.mode == "batched", train_A=task.train_A)
-    stream = ExampleStream(client.train, stable_seed(cfg.seed, "data", task.round, client.client_id))
+    plan = local_plan(cfg, [client], train_A=task.train_A)
+    stream = client_stream(cfg, task.round, client)
     torch.manual_seed(stable_seed(cfg.seed, "round", task.round))  # dropout, as simulate seeds each round
     losses = train_clients(fm, [client], [stream], plan, data.pad_id)[0]
     fm.set_deltas(None)
-    served = max(a.shape[0] for a, _, _ in factors.values())
-    return ClientUpdate(client.client_id, client.num_examples, served,
-                        fm.client_factors(0, {name: f[2] for name, f in factors.items()}), use_rslora=cfg.use_rslora,
-                        metrics={"train_loss": float(np.mean(losses)) if losses else math.nan})
+    return trained_update(cfg, fm, 0, client, factors, losses)
 
 
 def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | None = None,

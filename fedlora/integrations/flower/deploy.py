@@ -82,7 +82,7 @@ def deployment_commands(app: str, superlink_host: str, *, nodes: int, fleet_port
            "# the SuperLink (one machine)",
            " ".join(["flower-superlink", *link_tls, "--host", bind, "--port", str(fleet_port),
                      "--disable-runtime-dependency-installation"]), "",
-           f"# one SuperNode per client (node k holds the data's k-th training client; add rank=R to override)"]
+           "# one SuperNode per client (node k holds the data's k-th training client; add rank=R to override)"]
     for k in range(nodes):
         node_config = f"partition-id={k} num-partitions={nodes}"
         out.append(" ".join(["flower-supernode", *node_tls, "--superlink", address, "--host", "127.0.0.1",

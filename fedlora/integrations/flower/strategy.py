@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from fedlora.federated.config import SimConfig
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.simulation import (_num_sampled, _tensor_bytes, export_peft_adapter, make_strategy,
-                                          start_factors)
+                                          served_rank, start_factors, upload_bytes)
 from fedlora.federated.update import atomic_write
 from fedlora.strategies import FLoRA, Strategy
 
@@ -127,7 +127,7 @@ class FedLoRAStrategy(FlowerStrategy):
             messages.append(Message(content, dst_node_id=profile.node_id, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
-            self._sent[profile.node_id] = (profile, max(a.shape[0] for a, _, _ in factors.values()))
+            self._sent[profile.node_id] = (profile, served_rank(factors))
             bytes_down += _tensor_bytes(factors)
             payload_down += payload_bytes(content)
         self._round = {"round": round_idx, "server_round": server_round, "started": started,
@@ -170,9 +170,7 @@ class FedLoRAStrategy(FlowerStrategy):
                 if update.client_id != cid:
                     rejected[cid] = f"node {node_id} holds client {cid!r} but sent an update of {update.client_id!r}"
                     continue
-                # What a client uploads: the factors it trains (FFA-LoRA's A is re-derived from the seed).
-                bytes_up += sum(t.numel() * t.element_size() for a, b, _ in update.modules.values()
-                                for key, t in (("A", a), ("B", b)) if key in self.strategy.trainable)
+                bytes_up += upload_bytes(update, self.strategy.trainable)
                 updates.append(update)
         for cid, reason in missing.items():
             log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
