@@ -23,7 +23,8 @@ import random
 import pytest
 import torch
 
-from fedlora.data import ClientDataset, load_model, make_example
+from fedlora.data import ClientDataset, make_example
+from fedlora.models import load_model
 from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
 from fedlora.strategies import HetLoRA
 

@@ -86,7 +86,7 @@ def strategy_round(strategy, updates, rank):
     strategy.aggregate(updates)
     factors = [strategy.distribute(r, cid) for cid, r in rank]
     if isinstance(strategy, FLoRA):
-        factors.append(strategy.base_deltas())
+        factors.append(strategy.global_deltas())
     sync()
     return factors
 

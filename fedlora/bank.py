@@ -10,6 +10,7 @@ adapter; each adapter only ever receives gradient from its own segments.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,26 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def check_ranks(ranks) -> list[int]:
+    """Adapter ranks as a list of ints: non-empty, each an integer >= 1 (the package's one rank check)."""
+    try:
+        values = list(ranks)
+    except TypeError:
+        raise ValueError(f"ranks must be a sequence of integers, got {type(ranks).__name__}") from None
+    if not values:
+        raise ValueError("ranks is empty: an AdapterBank needs at least one adapter")
+    def as_rank(r):
+        try:  # ints, numpy ints, 0-d integer tensors; never floats or bools
+            return None if isinstance(r, bool) else operator.index(r)
+        except TypeError:
+            return None
+
+    out = [as_rank(r) for r in values]
+    if any(r is None or r < 1 for r in out):
+        raise ValueError(f"every adapter needs rank >= 1, got ranks {values} (ranks must all be >= 1 integers)")
+    return out
 
 
 def _as_float_list(values, n: int, name: str) -> list[float]:
@@ -43,11 +64,7 @@ class AdapterBank(nn.Module):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, ranks: Sequence[int], scalings=1.0):
         super().__init__()
-        ranks = [int(r) for r in ranks]
-        if not ranks:
-            raise ValueError("ranks is empty: an AdapterBank needs at least one adapter")
-        if any(r < 1 for r in ranks):
-            raise ValueError(f"ranks must all be >= 1, got {ranks}")
+        ranks = check_ranks(ranks)
         if A.dim() != 2 or B.dim() != 2:
             raise ValueError(f"A must be [R, d_in] and B [d_out, R]; got A {tuple(A.shape)}, B {tuple(B.shape)}")
         total = sum(ranks)
@@ -98,9 +115,7 @@ class AdapterBank(nn.Module):
         ``alphas`` defaults to each rank (scaling 1); ``init="gaussian"`` draws both
         factors from N(0, 1/d) instead (useful when B must not start at zero).
         """
-        ranks = [int(r) for r in ranks]
-        if not ranks or any(r < 1 for r in ranks):
-            raise ValueError(f"ranks must be a non-empty list of integers >= 1, got {ranks}")
+        ranks = check_ranks(ranks)
         alphas = ranks if alphas is None else _as_float_list(alphas, len(ranks), "alphas")
         scalings = [lora_scaling(a, r, use_rslora) for a, r in zip(alphas, ranks)]
         total = sum(ranks)

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from fedlora.data import IGNORE_INDEX, byte_tokenizer, collate_clients, load_instructions, read_jsonl
+from fedlora.data import IGNORE_INDEX, collate_clients, load_instructions, read_jsonl
+from fedlora.models import byte_tokenizer
 from fedlora.data import instructions as ins
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

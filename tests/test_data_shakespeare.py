@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fedlora.data import byte_tokenizer, load_shakespeare
+from fedlora.data import load_shakespeare
+from fedlora.models import byte_tokenizer
 from fedlora.data import shakespeare as shk
 
 

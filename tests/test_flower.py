@@ -37,7 +37,7 @@ from fedlora.integrations.flower.wire import (  # noqa: E402
     global_arrays,
 )
 from fedlora.strategies import FLoRA  # noqa: E402
-from fedlora.strategies.flora import merge_parts  # noqa: E402
+from fedlora.strategies.base import merge_parts  # noqa: E402
 
 try:
     import tomllib
@@ -287,7 +287,7 @@ def test_flora_global_parts_travel_as_stacks_until_they_outgrow_dense():
                        for n, (d_out, d_in) in shapes.items()}
             updates.append(ClientUpdate(f"c{k}", 5 + k, r, modules))
         flora.aggregate(updates)
-    parts = flora.global_parts()
+    parts = flora.client_base()
     assert parts["big"][0] is None and parts["big"][1].shape == (6, 48)
     assert parts["small"][0] is not None and parts["small"][1].shape[0] == 2
     content = encode_train(2, 3, "c0", flora.distribute(2, "c0"), global_arrays(parts), train_A=True)

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from fedlora.data import byte_tokenizer, load_model
-from fedlora.data import models as fm
+from fedlora.models import byte_tokenizer, load_model
+from fedlora.models import loading as fm
 
 
 def test_byte_tokenizer_round_trips_any_text():

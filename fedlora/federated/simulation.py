@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora.data import ClientDataset, FederatedData, load_instructions, load_model, load_shakespeare, read_jsonl
+from fedlora.data import ClientDataset, FederatedData, load_instructions, load_shakespeare, read_jsonl
+from fedlora.models import load_model
 from fedlora.data.instructions import partition_by_field
 from fedlora.federated.config import SimConfig
 from fedlora.federated.generation import pick_examples, rouge_l
@@ -34,6 +35,7 @@ from fedlora.federated.rng import stable_seed
 from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, evaluate_loss, train_clients
 from fedlora.federated.update import ClientUpdate, atomic_write
 from fedlora.strategies import FedAvg, FFALoRA, FLoRA, FlexLoRA, HetLoRA, Strategy
+from fedlora.strategies.base import merge_parts
 
 log = logging.getLogger("fedlora.simulate")
 
@@ -326,7 +328,8 @@ def _run_round(cfg, round_idx, fm: FederatedModel, strategy: Strategy, sampled, 
     ranks = [rank_of[c] for c in ids]
     starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
     fm.load_clients(starts)
-    fm.set_deltas(strategy.global_deltas() if isinstance(strategy, FLoRA) else None)
+    base = strategy.client_base()
+    fm.set_deltas(merge_parts(base) if base else None)
     streams = [client_stream(cfg, round_idx, c) for c in sampled]
     plan = local_plan(cfg, sampled, train_A="A" in strategy.trainable)
     bar = _progress(None, cfg.progress, total=sum(plan.steps), desc=f"round {round_idx} local steps",

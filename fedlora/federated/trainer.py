@@ -26,7 +26,7 @@ from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.data.clients import IGNORE_INDEX, ClientDataset, collate_clients
 from fedlora.layers import MultiLoRALinear, segments
 
-from .fold import DeltaLinear
+from fedlora.layers import DeltaLinear
 from .optim import PerClientOptimizer, scheduled_lr
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]

@@ -3,7 +3,7 @@
 ``patch_peft(model)`` gives every ``peft.tuners.lora.Linear`` and PEFT's
 bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` LoRA layer an instance-level
 ``forward`` that computes the same thing through
-:func:`fedlora.ops_fused.segmented_lora_add_`. Nothing else on the module
+:func:`fedlora.ops.segmented_lora_add_`. Nothing else on the module
 changes: parameters, names and state_dict keys stay PEFT's, so
 ``save_pretrained`` / ``PeftModel.from_pretrained`` / ``get_peft_model_state_dict``
 are unaffected, and ``unpatch_peft(model)`` deletes the instance attribute to
@@ -32,8 +32,9 @@ import warnings
 import torch
 from torch import nn
 
-from fedlora import ops_fused
 from fedlora.layers import keep_4bit_layout_trainable
+from fedlora.layers.layout import LAYOUT_ATTR, sample_segments_to_rows, segment_layout, writable
+from fedlora.ops import segmented_lora_add_
 
 _NAME_ATTR = "_fedlora_name"
 _BASE = "__base__"
@@ -104,7 +105,7 @@ def _lora_weights(layer, adapter: str, x: torch.Tensor):
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
-    layout = getattr(self, ops_fused.LAYOUT_ATTR, None)
+    layout = getattr(self, LAYOUT_ATTR, None)
     if layout is not None and kwargs.get("adapter_names") is not None:
         raise ValueError(f"{_name(self)}: adapter_names= cannot be combined with fedlora.adapter_batch")
     if layout is not None and self.merged and not self.disable_adapters:
@@ -132,11 +133,11 @@ def _all_active_forward(self, x, args, kwargs):
     if not names:
         return result
     x2d = x.reshape(-1, x.shape[-1])
-    out2d = ops_fused.writable(result).reshape(-1, result.shape[-1])
+    out2d = writable(result).reshape(-1, result.shape[-1])
     for a in names:  # PEFT's order; each adapter has its own dropout mask, as in PEFT
         A, B = _lora_weights(self, a, x)
         lx = self.lora_dropout[a](x2d.to(A.dtype))
-        out2d = ops_fused.segmented_lora_add_(
+        out2d = segmented_lora_add_(
             out2d, lx, A, B, [A.shape[0]], _scalings([self.scaling[a]], x.device), [x2d.shape[0]]
         )
     return out2d.view(result.shape)
@@ -146,7 +147,7 @@ def _mixed_forward(self, x, args, kwargs, layout):
     """Segment j (seg_counts[j] samples) goes through adapter seg_names[j] only."""
     seg_counts, seg_names = layout
     try:
-        rows = ops_fused.sample_segments_to_rows(x.shape, seg_counts)
+        rows = sample_segments_to_rows(x.shape, seg_counts)
     except ValueError as exc:
         raise ValueError(f"{_name(self)}: fedlora.adapter_batch: {exc}") from exc
     used = []
@@ -182,8 +183,8 @@ def _mixed_forward(self, x, args, kwargs, layout):
             pieces.append(self.lora_dropout[n](seg) if n in used else seg)
             start += length
         x2d = torch.cat(pieces)
-    out2d = ops_fused.writable(result).reshape(-1, result.shape[-1])
-    out2d = ops_fused.segmented_lora_add_(
+    out2d = writable(result).reshape(-1, result.shape[-1])
+    out2d = segmented_lora_add_(
         out2d, x2d, torch.cat(As) if len(As) > 1 else As[0], torch.cat(Bs, dim=1) if len(Bs) > 1 else Bs[0],
         ranks, _scalings(scalings, x.device), rows, ids,
     )
@@ -270,5 +271,5 @@ def adapter_batch(model: nn.Module, adapter_names_per_sample):
             seg_names.append(n)
     layout = (tuple(seg_counts), tuple(seg_names))
     patched = [layer for _, layer in layers if _is_patched(layer)]
-    with ops_fused.segment_layout(patched, layout):
+    with segment_layout(patched, layout):
         yield

@@ -15,12 +15,19 @@ Conventions every strategy follows:
 * p_k = n_k / sum_j n_j over the round's accepted updates unless a strategy
   says otherwise.
 
-A new rule subclasses :class:`Strategy`, keeps its tensors in ``self._tensors``
-(saved and loaded for it) and implements ``_init_state``, ``_aggregate`` and
-``_distribute``; ``_served_rank``/``_rank_check``/``_check_update`` are optional.
+A new rule subclasses :class:`Strategy` (an abstract base class), keeps its
+tensors in ``self._tensors`` (saved and loaded for it), implements ``_init_state``,
+``_aggregate`` and ``_distribute`` (abstract) and ``global_delta``, and overrides the hooks that
+differ from the defaults: ``global_rank``/``check_client_ranks`` (how a federation's
+ranks map to the global rank), ``client_base`` (a delta clients fold beside their
+frozen base), ``_served_rank``/``_rank_check``/``_check_update``. Code outside
+``fedlora.strategies`` talks to rules only through these public methods, never
+through a type check on a concrete rule; :mod:`fedlora.strategies.registry` maps
+names to classes.
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -32,7 +39,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from fedlora.bank import lora_scaling
+from fedlora import ops
+from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.federated.privacy import DPConfig, privatize
 from fedlora.federated.rng import lora_init_A, stable_seed
 from fedlora.federated.update import FORMAT_VERSION, ClientUpdate, atomic_write, read_blob
@@ -42,6 +50,8 @@ log = logging.getLogger("fedlora.strategies")
 
 _STATE_KEY = "fedlora.state"
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+# module -> (dense [d_out, d_in] or None, A [k, d_in], B [d_out, k]); the delta is dense + B @ A
+BaseParts = dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -55,7 +65,7 @@ class AggregationResult:
     weights: dict[str, float] = field(default_factory=dict)  # client id -> p_k (data weights)
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base class: validation, weighting, privacy, state (de)serialisation.
 
     min_updates: a round with fewer valid updates keeps the previous state.
@@ -175,13 +185,36 @@ class Strategy:
                                  weights={u.client_id: float(w) for u, w in zip(accepted, data_weights)})
 
     def global_delta(self, name: str) -> torch.Tensor:
-        """The global model's weight update of module ``name``, dense [d_out, d_in] (scaling folded in)."""
+        """The global model's effective weight update of module ``name``, dense [d_out, d_in] (scaling folded in).
+
+        Every rule that is evaluated or exported defines it (all of fedlora's do)."""
         raise NotImplementedError(f"{type(self).__name__} does not define global_delta")
 
     def global_deltas(self) -> dict[str, torch.Tensor]:
-        """global_delta of every module."""
+        """global_delta of every module: what evaluation and the PEFT export apply to the base model."""
         self._require_init()
         return {name: self.global_delta(name) for name in self.module_shapes}
+
+    def client_base(self, client_id: str | None = None) -> BaseParts | None:
+        """The delta a client folds beside its frozen base before training, or None (most rules).
+
+        Per module (dense [d_out, d_in] or None, A [k, d_in], B [d_out, k]) with the
+        delta = dense + B @ A: low-rank factors while they hold fewer numbers than a
+        dense matrix, dense beyond (FLoRA's accumulated stacks; FedEx-LoRA's residual).
+        :func:`merge_parts` turns it into dense deltas. Clients add it to their model
+        output in full precision beside the base (never re-quantized into a 4-bit
+        weight) and train their LoRA factors on top.
+        """
+        return None
+
+    # ------------------------------------------------- the federation's ranks
+    def global_rank(self, ranks: Sequence[int]) -> int:
+        """The global rank of a module whose clients train at ``ranks``: their largest by default."""
+        return max(ranks)
+
+    def check_client_ranks(self, module_ranks: Sequence[Mapping[str, int]]) -> None:
+        """Raise ValueError (with what to do instead) when this rule cannot serve clients of these
+        per-module ranks, one mapping per client. Every rank mix is fine by default."""
 
     # ----------------------------------------------------------- state on disk
     def state_dict(self) -> dict:
@@ -235,17 +268,18 @@ class Strategy:
         self.load_bytes(Path(path).read_bytes())
 
     # --------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
     def _init_state(self) -> None:
-        raise NotImplementedError
+        """Fill ``self._tensors`` with the fresh global state (after init_global set shapes and ranks)."""
 
+    @abc.abstractmethod
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: torch.Tensor) -> None:
         """Fold valid, state-dtype updates into ``self._tensors``; weights are p_k (sum 1, float64)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _distribute(self, ranks: Mapping[str, int], alphas: Mapping[str, float],
                     client_id: str | None) -> dict[str, tuple]:
         """name -> (A [ranks[name], d_in], B) for every module, B already divided by the module's scaling."""
-        raise NotImplementedError
 
     def _served_rank(self, rank: int, name: str) -> int:
         """The rank module ``name`` of a client asking for ``rank`` actually trains at (raise if none)."""
@@ -376,3 +410,29 @@ def _resolve_ranks(module_shapes: Mapping[str, tuple[int, int]], rank: int,
     if unknown:
         raise ValueError(f"module_ranks names modules this model does not adapt: {unknown}")
     return {name: checked(module_ranks.get(name, rank), f"rank of {name}") for name in module_shapes}
+
+
+def stack_products(stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """B A of each module's non-empty stack (A [R, d_in], B [d_out, R]), one lora_delta launch per shape."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (A, B) in stacks.items():
+        if A.shape[0] > 0:
+            groups.setdefault((B.shape[0], A.shape[1], A.dtype), []).append(name)
+    out = {}
+    for group in groups.values():
+        # one adapter of rank R and scaling 1 per module: B already carries the weights and scalings
+        banks = [AdapterBank(stacks[n][0], stacks[n][1], [stacks[n][0].shape[0]], 1.0) for n in group]
+        out.update(zip(group, ops.lora_delta(banks)))
+    return out
+
+
+def merge_parts(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """dense + B A of every module of a :meth:`Strategy.client_base`, dense [d_out, d_in]."""
+    products = stack_products({n: (A, B) for n, (_, A, B) in parts.items()})
+    out = {}
+    for name, (dense, A, B) in parts.items():
+        delta = dense.clone() if dense is not None else B.new_zeros(B.shape[0], A.shape[1])
+        if name in products:
+            delta += products[name].to(delta.dtype)
+        out[name] = delta
+    return out

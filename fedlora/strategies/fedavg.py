@@ -24,6 +24,20 @@ class FedAvg(TruncatedFactors):
         super().__init__(**kwargs)
         self.heterogeneous = heterogeneous
 
+    def global_rank(self, ranks):
+        """The smallest rank: the one rank everyone trains at (bucket mode) or shares (homogeneous)."""
+        return min(ranks)
+
+    def check_client_ranks(self, module_ranks):
+        distinct = {tuple(sorted(m.items())) for m in module_ranks}
+        if len(distinct) > 1 and self.heterogeneous != "bucket":
+            ranks = sorted({max(m.values()) for m in module_ranks})
+            raise ValueError(
+                f"FedAvg averages A and B separately, so every client needs one rank per module, but the "
+                f"ranks are {ranks}; use rank_distribution='homogeneous' or "
+                "--strategy_options.heterogeneous bucket (everyone trains at the smallest rank)"
+            )
+
     def _rank_check(self, rank: int, name: str) -> str | None:
         if rank != self.module_ranks[name]:
             return (f"rank {rank} differs from the global rank {self.module_ranks[name]}; "

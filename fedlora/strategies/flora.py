@@ -19,21 +19,16 @@ not allocated until then). The last
 round's stacked factors are kept too (``round_factors``): that is what the
 paper broadcasts, for clients that add it to their own copy of the model.
 
-``merged_delta(name)`` / ``base_deltas()`` give D; fold it beside the base
-with :func:`fedlora.federated.fold.fold_deltas`. A client on another machine
-needs only ``global_parts()`` (the stack while it is smaller than a dense
-matrix) and rebuilds D with :func:`merge_parts`.
+``global_delta(name)`` / ``global_deltas()`` give D; fold it beside the base
+with :func:`fedlora.layers.fold_deltas`. A client on another machine needs
+only ``client_base()`` (the stack while it is smaller than a dense matrix)
+and rebuilds D with :func:`~fedlora.strategies.base.merge_parts`.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from fedlora import ops
-from fedlora.bank import AdapterBank
-
-from .base import Strategy
+from .base import Strategy, merge_parts, stack_products
 
 
 class FLoRA(Strategy):
@@ -68,64 +63,40 @@ class FLoRA(Strategy):
             self._tensors[f"{name}.A"] = self._tensors[f"{name}.A"][:0].contiguous()
             self._tensors[f"{name}.B"] = self._tensors[f"{name}.B"][:, :0].contiguous()
 
-    def global_parts(self, names=None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    def client_base(self, client_id=None):
         """Per module (dense or None, A_stack [R, d_in], B_stack [d_out, R]): D = dense + B_stack A_stack.
 
-        What a client needs to rebuild the global model: R (d_out + d_in) numbers
-        while the stack is smaller than a dense matrix (``merge_parts`` rebuilds D).
+        Every client trains on top of D (the sum of all rounds' updates), the same for
+        all clients. What a client needs to rebuild it: R (d_out + d_in) numbers while
+        the stack is smaller than a dense matrix (:func:`merge_parts` rebuilds D).
+        None before the first aggregation (D is zero then).
         """
         self._require_init()
-        names = list(self.module_shapes) if names is None else list(names)
+        if self.round == 0:
+            return None
         return {n: (self._tensors[f"{n}.dense"] if self._tensors[f"{n}.dense"].dim() == 2 else None,
-                    self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in names}
+                    self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in self.module_shapes}
 
     def round_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round."""
         self._require_init()
         return self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"]
 
-    def merged_delta(self, name: str) -> torch.Tensor:
+    def global_delta(self, name: str) -> torch.Tensor:
         """Sum of every round's global update for ``name``, dense [d_out, d_in], full precision."""
         self._require_init()
-        return self.base_deltas([name])[name]
-
-    def global_delta(self, name: str) -> torch.Tensor:
-        return self.merged_delta(name)
+        return merge_parts({name: self._parts(name)})[name]
 
     def global_deltas(self) -> dict[str, torch.Tensor]:
-        return self.base_deltas()
+        """global_delta of every module, one batched lora_delta per shape group."""
+        self._require_init()
+        return merge_parts({n: self._parts(n) for n in self.module_shapes})
 
-    def base_deltas(self, names=None) -> dict[str, torch.Tensor]:
-        """merged_delta of ``names`` (default all), one batched lora_delta per shape group."""
-        return merge_parts(self.global_parts(names))
+    def _parts(self, name: str):
+        dense = self._tensors[f"{name}.dense"]
+        return (dense if dense.dim() == 2 else None, self._tensors[f"{name}.A"], self._tensors[f"{name}.B"])
 
     def _dense(self, name: str) -> torch.Tensor:
         dense = self._tensors[f"{name}.dense"]
         return dense if dense.dim() == 2 else torch.zeros(self.module_shapes[name], dtype=self.dtype,
                                                            device=self.device)
-
-
-def stack_products(stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """B A of each module's non-empty stack (A [R, d_in], B [d_out, R]), one lora_delta launch per shape."""
-    groups: dict[tuple, list[str]] = {}
-    for name, (A, B) in stacks.items():
-        if A.shape[0] > 0:
-            groups.setdefault((B.shape[0], A.shape[1], A.dtype), []).append(name)
-    out = {}
-    for group in groups.values():
-        # one adapter of rank R and scaling 1 per module: B already carries p_k s_k
-        banks = [AdapterBank(stacks[n][0], stacks[n][1], [stacks[n][0].shape[0]], 1.0) for n in group]
-        out.update(zip(group, ops.lora_delta(banks)))
-    return out
-
-
-def merge_parts(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """D = dense + B_stack A_stack of every module of :meth:`FLoRA.global_parts`, dense [d_out, d_in]."""
-    products = stack_products({n: (A, B) for n, (_, A, B) in parts.items()})
-    out = {}
-    for name, (dense, A, B) in parts.items():
-        delta = dense.clone() if dense is not None else B.new_zeros(B.shape[0], A.shape[1])
-        if name in products:
-            delta += products[name].to(delta.dtype)
-        out[name] = delta
-    return out

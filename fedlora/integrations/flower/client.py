@@ -30,7 +30,7 @@ from fedlora.federated.rng import stable_seed
 from fedlora.federated.simulation import RunSetup, client_stream, local_plan, setup_run, trained_update
 from fedlora.federated.trainer import train_clients
 from fedlora.federated.update import ClientUpdate
-from fedlora.strategies.flora import merge_parts
+from fedlora.strategies.base import merge_parts
 
 from .config import load_run_config
 from .wire import NodeProfile, TrainInstruction, decode_train, encode_profile, encode_reply

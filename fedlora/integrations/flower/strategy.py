@@ -37,7 +37,7 @@ from fedlora.federated.rng import stable_seed
 from fedlora.federated.simulation import (_num_sampled, _tensor_bytes, export_peft_adapter, make_strategy,
                                           served_rank, start_factors, upload_bytes)
 from fedlora.federated.update import atomic_write
-from fedlora.strategies import FLoRA, Strategy
+from fedlora.strategies import Strategy
 
 from .config import FlowerSettings
 from .wire import (
@@ -108,10 +108,9 @@ class FedLoRAStrategy(FlowerStrategy):
         population = sorted((p for n, p in self.profiles.items() if n in connected), key=lambda p: p.client_index)
         picked = self.sample(round_idx, population)
         strategy = self.strategy
-        # Strategies that train on top of the global update (FLoRA) send it along as its parts (the
-        # stacked factors while they are smaller than a dense matrix), built once per round; none
-        # before the first aggregation (the update is zero then).
-        parts = strategy.global_parts() if isinstance(strategy, FLoRA) and strategy.round else {}
+        # Rules whose clients train on top of a base delta (FLoRA) send it along as its parts (low-rank
+        # factors while they are smaller than a dense matrix), built once per round and shared by all.
+        parts = strategy.client_base() or {}
         deltas = global_arrays(parts) if parts else None
         delta_bytes = sum(t.numel() * t.element_size() for part in parts.values() for t in part if t is not None)
         messages, self._sent, not_started = [], {}, {}

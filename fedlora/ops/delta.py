@@ -1,4 +1,4 @@
-"""Server-side ops over packed adapter banks: fused reconstruction and truncated SVD.
+"""The aggregated LoRA delta and its truncated SVD: fused reconstruction and low-rank SVD over packed banks.
 
 FlexLoRA's server step is  dW = sum_i w_i s_i B_i A_i  followed by a rank-k SVD,
 per module. On the packed bank dW = B diag(d) A with d_i = w_i s_i on adapter i's
@@ -19,94 +19,17 @@ Weights must be finite and >= 0.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from fedlora.kernels import lowrank as LR
 from fedlora.kernels.reconstruct import reconstruct
 
-from .bank import AdapterBank
+from fedlora.bank import AdapterBank
+
+from .checks import as_bank_list, check_finite, check_int, check_rank, per_bank_weights
 
 METHODS = ("auto", "factored", "randomized", "dense")
-
-
-# ----------------------------------------------------------------- validation
-def _as_bank_list(banks) -> tuple[list[AdapterBank], bool]:
-    """(list of banks, whether the caller passed a list)."""
-    if isinstance(banks, AdapterBank):
-        return [banks], False
-    if not isinstance(banks, (list, tuple)) or not banks:
-        raise ValueError(f"bank must be a fedlora.AdapterBank or a non-empty list of them, got {type(banks).__name__}")
-    for i, b in enumerate(banks):
-        if not isinstance(b, AdapterBank):
-            raise ValueError(f"banks[{i}] is a {type(b).__name__}, not a fedlora.AdapterBank")
-    first = banks[0]
-    for i, b in enumerate(banks[1:], 1):
-        if (b.d_out, b.d_in) != (first.d_out, first.d_in):
-            raise ValueError(
-                f"banks[{i}] is a {b.d_out}x{b.d_in} layer but banks[0] is {first.d_out}x{first.d_in}: "
-                "one batched call takes banks of one layer shape"
-            )
-        if b.dtype != first.dtype:
-            raise ValueError(f"banks[{i}] is {b.dtype} but banks[0] is {first.dtype}")
-        if b.device != first.device:
-            raise ValueError(f"banks[{i}] is on {b.device} but banks[0] is on {first.device}")
-    return list(banks), True
-
-
-def _weight_vector(values, n: int, name: str) -> list[float]:
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
-        values = values.tolist()
-    try:
-        values = [float(v) for v in values]
-    except TypeError as exc:
-        raise ValueError(f"{name} must be a sequence of floats or a 1-D tensor") from exc
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but the bank has {n} adapters")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be finite, got {values}")
-    if any(v < 0 for v in values):
-        raise ValueError(f"{name} must be >= 0, got {values}")
-    return values
-
-
-def _per_bank_weights(weights, banks: list[AdapterBank], batched: bool) -> list[list[float]]:
-    if weights is None:
-        return [[1.0] * b.num_adapters for b in banks]
-    per_bank = batched and (
-        (isinstance(weights, torch.Tensor) and weights.dim() == 2)
-        or (isinstance(weights, (list, tuple)) and len(weights) > 0
-            and all(isinstance(w, (list, tuple, torch.Tensor)) for w in weights))
-    )
-    if per_bank:
-        if len(weights) != len(banks):
-            raise ValueError(f"weights has {len(weights)} per-bank rows but {len(banks)} banks were given")
-        return [_weight_vector(w, b.num_adapters, f"weights[{i}]") for i, (w, b) in enumerate(zip(weights, banks))]
-    return [_weight_vector(weights, b.num_adapters, "weights") for b in banks]
-
-
-def _check_finite(banks: list[AdapterBank]) -> None:
-    for i, b in enumerate(banks):
-        for name, t in (("A", b.A), ("B", b.B), ("scalings", b.scalings)):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"bank {i}: {name} holds NaN or Inf")
-
-
-def _check_rank(rank, m: int, n: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"rank must be an int, got {rank!r}")
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be in 1..min(d_out, d_in) = 1..{min(m, n)}, got {rank}")
-    return rank
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------- pieces
@@ -195,9 +118,9 @@ def lora_delta(bank, weights=None, *, dtype: torch.dtype | None = None) -> torch
     ``weights``: see the module docstring. Accumulates in fp32 (fp64 for fp64
     banks); the result has ``dtype`` (default: the banks' dtype). Not differentiable.
     """
-    banks, batched = _as_bank_list(bank)
-    w = _per_bank_weights(weights, banks, batched)
-    _check_finite(banks)
+    banks, batched = as_bank_list(bank)
+    w = per_bank_weights(weights, banks, batched)
+    check_finite(banks)
     with torch.no_grad():
         B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
         out = reconstruct(B_cat, A_cat, col_scale, layer_ranks, dtype or banks[0].dtype)
@@ -238,15 +161,15 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    oversample = _check_int(oversample, "oversample", 0)
-    n_iter = _check_int(n_iter, "n_iter", 0)
+    oversample = check_int(oversample, "oversample", 0)
+    n_iter = check_int(n_iter, "n_iter", 0)
     if isinstance(bank, torch.Tensor):
         return _lowrank_svd_dense_input(bank, weights, rank, method, oversample, n_iter, seed)
-    banks, batched = _as_bank_list(bank)
+    banks, batched = as_bank_list(bank)
     m, n = banks[0].d_out, banks[0].d_in
-    rank = _check_rank(rank, m, n)
-    w = _per_bank_weights(weights, banks, batched)
-    _check_finite(banks)
+    rank = check_rank(rank, m, n)
+    w = per_bank_weights(weights, banks, batched)
+    check_finite(banks)
     R_max = max(b.total_rank for b in banks)
     if method == "factored" and R_max >= min(m, n):
         raise ValueError(
@@ -285,7 +208,7 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, oversample,
         raise ValueError("method='factored' needs an AdapterBank (the factors); for a dense matrix use "
                          "'dense', 'randomized' or 'auto'")
     m, n = M.shape[-2:]
-    rank = _check_rank(rank, m, n)
+    rank = check_rank(rank, m, n)
     if not torch.isfinite(M).all():
         raise ValueError("the dense matrix holds NaN or Inf")
     batch = M if M.dim() == 3 else M.unsqueeze(0)

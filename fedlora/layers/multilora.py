@@ -5,30 +5,22 @@
 The base is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (NF4 / FP4, with
 or without double quantization) / ``Linear8bitLt``; its forward stays its own
 (bitsandbytes dequantizes and multiplies) and the LoRA part is accumulated into
-its output in place (:func:`fedlora.ops_fused.segmented_lora_add_`).
+its output in place (:func:`fedlora.ops.segmented_lora_add_`).
 
-Segment layout. A layer needs to know which rows go through which adapter.
-It takes it from ``layer(x, seg_lens=..., adapter_ids=...)`` or, so that a
-transformers model can be called unchanged, from a context set once for the
-whole model::
-
-    with fedlora.segments(model, seg_lens=[2, 1, 3], adapter_ids=[0, 4, 1]):
-        loss = model(input_ids=batch).loss      # batch: 6 sequences
-
-``seg_lens`` counts SAMPLES along dim 0 of each layer's input (sequences for a
-[batch, seq, hidden] activation; rows for a [T, hidden] one): a segment is a
-run of whole sequences, converted to rows at forward time.
+Segment layout: a layer takes it from ``layer(x, seg_lens=..., adapter_ids=...)``
+or from the model-wide :func:`fedlora.segments` context (see :mod:`fedlora.layers.layout`).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
 from torch import nn
 
-from . import ops_fused
-from .bank import AdapterBank, lora_scaling
+from fedlora.bank import AdapterBank, check_ranks, lora_scaling
+from fedlora.ops import segmented_lora_add_
+
+from .layout import LAYOUT_ATTR, sample_segments_to_rows, writable
 
 def keep_4bit_layout_trainable(base: nn.Module) -> None:
     """Stop bitsandbytes repacking a 4-bit weight into its CPU inference layout.
@@ -90,9 +82,10 @@ class MultiLoRALinear(nn.Module):
             factors = [(a.detach().to(device=device, dtype=dtype), b.detach().to(device=device, dtype=dtype))
                        for a, b in factors]
             ranks = [a.shape[0] for a, _ in factors]
-        ranks = [int(r) for r in ranks]
-        if not ranks or any(r < 1 for r in ranks):
-            raise ValueError(f"{self.name}: every adapter needs rank >= 1, got ranks {ranks}")
+        try:
+            ranks = check_ranks(ranks)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
         if scalings is not None and alphas is not None:
             raise ValueError(f"{self.name}: give alphas= or scalings=, not both")
         if scalings is None:
@@ -133,7 +126,7 @@ class MultiLoRALinear(nn.Module):
         if seg_lens is None:
             if adapter_ids is not None:
                 raise ValueError(f"{self.name}: adapter_ids= given without seg_lens=")
-            layout = getattr(self, ops_fused.LAYOUT_ATTR, None)
+            layout = getattr(self, LAYOUT_ATTR, None)
             if layout is not None:
                 seg_lens, adapter_ids = layout
             elif self.bank.num_adapters == 1:
@@ -144,11 +137,11 @@ class MultiLoRALinear(nn.Module):
                     "seg_lens=/adapter_ids= or call the model inside fedlora.segments(model, ...)"
                 )
         try:
-            rows = ops_fused.sample_segments_to_rows(x.shape, seg_lens)
+            rows = sample_segments_to_rows(x.shape, seg_lens)
             result = self.base_layer(x)
-            out2d = ops_fused.writable(result).reshape(-1, self.out_features)
+            out2d = writable(result).reshape(-1, self.out_features)
             lx = self.lora_dropout(x.reshape(-1, self.in_features).to(self.bank.dtype))
-            out2d = ops_fused.segmented_lora_add_(
+            out2d = segmented_lora_add_(
                 out2d, lx, self.bank.A, self.bank.B, self.bank.ranks, self.bank.scalings, rows, adapter_ids
             )
         except ValueError as exc:
@@ -157,39 +150,3 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, base={self.base_kind}, ranks={self.bank.ranks}"
-
-
-def _multilora_layers(model: nn.Module) -> list[MultiLoRALinear]:
-    layers = []
-    for qualname, module in model.named_modules():
-        if isinstance(module, MultiLoRALinear):
-            if module.name.startswith("MultiLoRALinear(") and qualname:
-                module.name = qualname  # errors then name the layer as the model does
-            layers.append(module)
-    return layers
-
-
-@contextlib.contextmanager
-def segments(model: nn.Module, seg_lens, adapter_ids=None):
-    """Set the segment layout of every :class:`MultiLoRALinear` in ``model``.
-
-    ``seg_lens[j]`` consecutive samples (dim 0 of the model's activations, i.e.
-    sequences) use adapter ``adapter_ids[j]`` (default j). The previous layout
-    (an enclosing context) is restored on exit.
-    """
-    layers = _multilora_layers(model)
-    if not layers:
-        raise ValueError(f"fedlora.segments: {type(model).__name__} holds no MultiLoRALinear layer")
-    if isinstance(seg_lens, torch.Tensor):
-        seg_lens = seg_lens.tolist()
-    if isinstance(adapter_ids, torch.Tensor):
-        adapter_ids = adapter_ids.tolist()
-    layout = (tuple(int(n) for n in seg_lens), None if adapter_ids is None else tuple(int(a) for a in adapter_ids))
-    if layout[1] is not None and len(layout[1]) != len(layout[0]):
-        raise ValueError(f"fedlora.segments: {len(layout[1])} adapter_ids for {len(layout[0])} segments")
-    for layer in layers:
-        bad = [a for a in (layout[1] or range(len(layout[0]))) if not 0 <= a < layer.num_adapters]
-        if bad:
-            raise ValueError(f"fedlora.segments: {layer.name!r} has {layer.num_adapters} adapters; adapter ids {bad} do not exist")
-    with ops_fused.segment_layout(layers, layout):
-        yield
