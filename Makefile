@@ -25,7 +25,7 @@ simulate: install
 	$(VENV)/bin/fedlora simulate
 
 demo: install
-	$(VENV)/bin/fedlora demo
+	$(PY) examples/demo.py
 
 test: install
 	$(PY) -m pytest -q

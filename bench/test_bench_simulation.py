@@ -2,7 +2,7 @@
 
 A round = load every sampled client's starting factors (its own rank) into the
 model's adapter banks, then `local_steps` AdamW steps of `batch_size` sequences
-per client (fedlora.federated.trainer.train_clients).
+per client (fedlora.simulation.trainer.train_clients).
 
   sequential  role=baseline   one client after another, one client per forward: the
                               public FL-LoRA code's schedule (it loops over clients with
@@ -25,7 +25,7 @@ import torch
 
 from fedlora.data import ClientDataset, make_example
 from fedlora.models import load_model
-from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
+from fedlora.simulation.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
 from fedlora.strategies import HetLoRA
 
 from .conftest import DEVICE, DTYPE, ON_CUDA, device_name, sync

@@ -17,8 +17,9 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedlora.federated import simulation  # noqa: E402
-from fedlora.federated.config import SimConfig  # noqa: E402
+from fedlora import simulation  # noqa: E402
+from fedlora.strategies import registry  # noqa: E402
+from fedlora.simulation.config import SimConfig  # noqa: E402
 
 from .conftest import rel_err  # noqa: E402
 from .test_simulation import write_jsonl  # noqa: E402
@@ -45,7 +46,7 @@ def run_settings(dataset: Path, output_dir: Path, strategy: str = "flexlora", **
 def saved_strategy(out: Path):
     """The fedlora strategy a Flower run saved in ``out``."""
     cfg = json.loads((out / "config.json").read_text())
-    strategy = simulation._STRATEGIES[cfg["strategy"]]()
+    strategy = registry.lookup(cfg["strategy"])()
     strategy.load(out / "strategy.safetensors")
     return strategy
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, Message, MessageType  # noqa: E402
 
 from fedlora.cli import main  # noqa: E402
-from fedlora.federated.config import SimConfig  # noqa: E402
+from fedlora.simulation.config import SimConfig  # noqa: E402
 from fedlora.federated.update import ClientUpdate  # noqa: E402
 from fedlora.integrations.flower import FlowerSettings, client_app, load_run_config, run_server  # noqa: E402
 from fedlora.integrations.flower.wire import (  # noqa: E402

@@ -38,7 +38,7 @@ from .flower_helpers import (  # noqa: E402  (sets the quiet Flower environment 
     write_clients_jsonl,
 )
 
-from fedlora.federated.config import SimConfig  # noqa: E402
+from fedlora.simulation.config import SimConfig  # noqa: E402
 from fedlora.integrations.flower import QUIET_ENV, FlowerSettings, client_app, load_run_config, server_app  # noqa: E402
 
 try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedlora.bank import AdapterBank
-from fedlora.federated.optim import PerClientOptimizer, scheduled_lr
+from fedlora.simulation.optim import PerClientOptimizer, scheduled_lr
 
 RANKS = [[2, 3, 5], [1, 4, 2]]  # per bank (layers may differ), one adapter per client
 SHAPES = [(7, 6), (5, 9)]  # (d_out, d_in) per bank

@@ -7,9 +7,9 @@ import torch
 
 from fedlora.bank import lora_scaling
 from fedlora.federated import ClientUpdate, DPConfig, validate_update
-from fedlora.federated.config import SimConfig
+from fedlora.simulation.config import SimConfig
 from fedlora.federated.ranks import module_ranks
-from fedlora.federated.simulation import make_strategy
+from fedlora.simulation.setup import make_strategy
 from fedlora.strategies import FedAvg, FFALoRA, FlexLoRA, FLoRA, HetLoRA
 
 from .fl_helpers import SHAPES, best_rank64, client_product, data_weights, random_update, rel, weighted_delta64

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 from fedlora.cli import main
-from fedlora.federated.config import SimConfig
+from fedlora.simulation.config import SimConfig
 from fedlora.federated.ranks import assign_ranks
-from fedlora.federated.simulation import make_strategy
+from fedlora.simulation.setup import make_strategy
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (8, 8)}
 

@@ -15,11 +15,10 @@ import torch
 from fedlora.cli import main
 from fedlora.data import ClientDataset, FederatedData, collate, make_example
 from fedlora.models import load_model
-from fedlora.federated import simulation
 from fedlora.federated.ranks import module_ranks
-from fedlora.federated.simulation import simulate
-from fedlora.federated.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
-from fedlora.strategies import FLoRA, FlexLoRA
+from fedlora.simulation import simulate
+from fedlora.simulation.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
+from fedlora.strategies import FLoRA, FlexLoRA, registry
 
 from .conftest import rel_err
 from .fl_helpers import random_update
@@ -68,7 +67,7 @@ def final_strategy(out: Path):
     """The strategy of a finished run, loaded from its latest checkpoint."""
     cfg = json.loads((out / "config.json").read_text())
     ckpt = out / "checkpoints"
-    strategy = simulation._STRATEGIES[cfg["strategy"]]()
+    strategy = registry.lookup(cfg["strategy"])()
     strategy.load(ckpt / (ckpt / "latest").read_text().strip() / "strategy.safetensors")
     return strategy
 

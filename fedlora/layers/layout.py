@@ -78,12 +78,21 @@ def segment_layout(modules, layout):
             setattr(m, LAYOUT_ATTR, prev)
 
 
-def _multilora_layers(model: nn.Module) -> list:
-    from .multilora import MultiLoRALinear  # the layers this layout is for (multilora imports this module)
+class SegmentedLayer(nn.Module):
+    """A layer that routes segments of its input through adapters (MultiLoRALinear is one).
 
+    It has a ``name`` (used in errors) and ``num_adapters``, and reads the layout
+    :func:`segments` sets on it from the ``LAYOUT_ATTR`` attribute.
+    """
+
+    name: str
+    num_adapters: int
+
+
+def _multilora_layers(model: nn.Module) -> list[SegmentedLayer]:
     layers = []
     for qualname, module in model.named_modules():
-        if isinstance(module, MultiLoRALinear):
+        if isinstance(module, SegmentedLayer):
             if module.name.startswith("MultiLoRALinear(") and qualname:
                 module.name = qualname  # errors then name the layer as the model does
             layers.append(module)

@@ -20,7 +20,7 @@ from torch import nn
 from fedlora.bank import AdapterBank, check_ranks, lora_scaling
 from fedlora.ops import segmented_lora_add_
 
-from .layout import LAYOUT_ATTR, sample_segments_to_rows, writable
+from .layout import LAYOUT_ATTR, SegmentedLayer, sample_segments_to_rows, writable
 
 def keep_4bit_layout_trainable(base: nn.Module) -> None:
     """Stop bitsandbytes repacking a 4-bit weight into its CPU inference layout.
@@ -49,7 +49,7 @@ def _base_kind(base: nn.Module, name: str) -> str:
     )
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(SegmentedLayer):
     """A frozen base linear layer with an :class:`AdapterBank` of n LoRA adapters.
 
     Either ``ranks`` (with ``alphas``, default alpha = rank; ``use_rslora``) for

@@ -219,7 +219,7 @@ def load_model(spec: Any, dtype: torch.dtype = torch.float32, quantization: str 
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     qconfig = _quantization_config(quantization, dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     if _is_tiny_spec(spec):
         tokenizer = byte_tokenizer()

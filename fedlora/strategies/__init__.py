@@ -1,4 +1,5 @@
-"""Aggregation rules for federated LoRA (see base.py for the shared conventions)."""
+"""Aggregation rules for federated LoRA (see base.py for the shared conventions, registry.py for names)."""
+from . import registry
 from .base import AggregationResult, Strategy
 from .fedavg import FedAvg
 from .ffalora import FFALoRA
@@ -7,4 +8,4 @@ from .flora import FLoRA
 from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_norm
 
 __all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FlexLoRA", "HetLoRA", "Strategy",
-           "rank_self_pruning_penalty", "self_pruned_rank", "tail_norm"]
+           "rank_self_pruning_penalty", "registry", "self_pruned_rank", "tail_norm"]

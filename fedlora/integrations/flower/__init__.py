@@ -14,9 +14,9 @@ from .config import QUIET_ENV, FlowerSettings, load_run_config, quiet_flower_env
 quiet_flower_env()  # before flwr is imported: it reads some of these at import time
 
 from .client import client_app, local_data, train_client  # noqa: E402
-from .server import run_server, server_app  # noqa: E402
-from fedlora.federated.simulation import start_factors  # noqa: E402
+from fedlora.simulation.round import start_factors  # noqa: E402
 
+from .server import run_server, server_app  # noqa: E402
 from .strategy import FedLoRAStrategy  # noqa: E402
 from .wire import NodeProfile, TrainInstruction  # noqa: E402
 

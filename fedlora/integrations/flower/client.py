@@ -25,11 +25,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora.data import ClientDataset
-from fedlora.federated.config import SimConfig
 from fedlora.federated.rng import stable_seed
-from fedlora.federated.simulation import RunSetup, client_stream, local_plan, setup_run, trained_update
-from fedlora.federated.trainer import train_clients
 from fedlora.federated.update import ClientUpdate
+from fedlora.simulation.config import SimConfig
+from fedlora.simulation.round import client_stream, local_plan, trained_update
+from fedlora.simulation.setup import RunSetup, setup_run
+from fedlora.simulation.trainer import train_clients
 from fedlora.strategies.base import merge_parts
 
 from .config import load_run_config

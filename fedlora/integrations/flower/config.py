@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.federated.config import SimConfig
+from fedlora.simulation.config import SimConfig
 
 # Set before flwr/ray are imported (flwr reads some of them at import time) and
 # inherited by every process the Flower runtime starts.

@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.federated.config import SimConfig
+from fedlora.simulation.config import SimConfig
 from fedlora.federated.update import atomic_write
 
 from .config import FlowerSettings, load_run_config

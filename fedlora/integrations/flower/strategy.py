@@ -27,16 +27,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from fedlora.federated.config import SimConfig
-from fedlora.federated.rng import stable_seed
-from fedlora.federated.simulation import (_num_sampled, _tensor_bytes, export_peft_adapter, make_strategy,
-                                          served_rank, start_factors, upload_bytes)
 from fedlora.federated.update import atomic_write
+from fedlora.simulation import reporting
+from fedlora.simulation.config import SimConfig
+from fedlora.simulation.export import export_peft_adapter
+from fedlora.simulation.round import (base_bytes, factor_bytes, round_record, sample, served_rank, start_factors,
+                                      upload_bytes)
+from fedlora.simulation.setup import make_strategy
 from fedlora.strategies import Strategy
 
 from .config import FlowerSettings
@@ -112,7 +113,7 @@ class FedLoRAStrategy(FlowerStrategy):
         # factors while they are smaller than a dense matrix), built once per round and shared by all.
         parts = strategy.client_base() or {}
         deltas = global_arrays(parts) if parts else None
-        delta_bytes = sum(t.numel() * t.element_size() for part in parts.values() for t in part if t is not None)
+        delta_bytes = base_bytes(parts)
         messages, self._sent, not_started = [], {}, {}
         bytes_down = payload_down = 0
         for profile in picked:
@@ -127,7 +128,7 @@ class FedLoRAStrategy(FlowerStrategy):
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
             self._sent[profile.node_id] = (profile, served_rank(factors))
-            bytes_down += _tensor_bytes(factors)
+            bytes_down += factor_bytes(factors)
             payload_down += payload_bytes(content)
         self._round = {"round": round_idx, "server_round": server_round, "started": started,
                        "not_started": not_started, "bytes_down": bytes_down,
@@ -174,33 +175,23 @@ class FedLoRAStrategy(FlowerStrategy):
         for cid, reason in missing.items():
             log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
         result = self.strategy.aggregate(updates)  # validates each update; bad ones come back with a reason
-        rejected.update(result.rejected)
-        accepted = [u for u in updates if u.client_id in result.accepted]
-        losses = [u.metrics.get("train_loss", math.nan) for u in accepted]
-        train_loss = float(np.average(losses, weights=[u.num_examples for u in accepted])) if accepted else math.nan
         sent = sorted(self._sent.values(), key=lambda v: v[0].client_index)
         self.totals["bytes_up"] += bytes_up
         self.totals["bytes_down"] += info["bytes_down"]
-        record = {
-            "round": info["round"],
+        record = round_record(info["round"], [p.client_id for p, _ in sent], [p.rank for p, _ in sent],
+                              [served for _, served in sent], updates, result, rejected, bytes_up,
+                              info["bytes_down"])
+        rejected, train_loss = record["rejected"], record["train_loss"]
+        record.update({
             "available": info["available"],  # clients whose node was connected (simulate samples from them)
-            "clients": [p.client_id for p, _ in sent],
             "nodes": {p.client_id: p.node_id for p, _ in sent},
-            "ranks": [p.rank for p, _ in sent],
-            "trained_ranks": [served for _, served in sent],
-            "accepted": result.accepted,
-            "rejected": rejected,
             "missing": missing,
-            "state_changed": result.changed,
-            "train_loss": train_loss,
-            "bytes_up": bytes_up,
-            "bytes_down": info["bytes_down"],
             "bytes_down_global": info["bytes_down_global"],
             "payload_bytes_up": payload_up,
             "payload_bytes_down": info["payload_bytes_down"],
             "wall_time_s": round(time.perf_counter() - info["started"], 3),
             **{f"total_{k}": v for k, v in self.totals.items()},
-        }
+        })
         self.history.append(record)
         self._write_round()
         metrics = {"accepted": len(result.accepted), "rejected": len(rejected), "missing": len(missing),
@@ -223,11 +214,7 @@ class FedLoRAStrategy(FlowerStrategy):
     # --------------------------------------------------------------- helpers
     def sample(self, round_idx: int, population: list[NodeProfile]) -> list[NodeProfile]:
         """``fedlora simulate``'s sampling over the available nodes (in client order), seeded by round."""
-        if not population:
-            return []
-        sampler = np.random.default_rng(stable_seed(self.cfg.seed, "sample", round_idx))
-        picked = sampler.choice(len(population), size=_num_sampled(self.cfg, len(population)), replace=False)
-        return [population[i] for i in sorted(picked.tolist())]
+        return sample(self.cfg, round_idx, population)
 
     def _discover(self, grid: Grid) -> None:
         """Profile nodes not seen before. Before round 1, wait for the nodes expected (bounded by node_wait_s)."""
@@ -292,8 +279,7 @@ class FedLoRAStrategy(FlowerStrategy):
         if self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.output_dir / "metrics.jsonl",
-                     "".join(json.dumps(m) + "\n" for m in self.history).encode())
+        reporting.write_metrics(self.output_dir / "metrics.jsonl", self.history)
         self.strategy.save(self.output_dir / "strategy.safetensors")
 
     def export(self, path: str | Path, cfg: SimConfig | None = None) -> Path:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.federated.ranks import check_rank_pattern
+from fedlora.strategies import registry
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-STRATEGIES = ("fedavg", "ffalora", "hetlora", "flexlora", "flora")
+STRATEGIES = registry.names()
 RANK_DISTRIBUTIONS = ("homogeneous", "uniform", "heavy_tail", "normal", "list")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
@@ -86,6 +87,10 @@ class SimConfig:
                 raise ValueError(f"config: {msg}")
 
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        try:
+            registry.check_options(self.strategy, self.strategy_options)
+        except ValueError as exc:
+            need(False, str(exc))
         need(self.rank_distribution in RANK_DISTRIBUTIONS,
              f"rank_distribution must be one of {RANK_DISTRIBUTIONS}, got {self.rank_distribution!r}")
         need(self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}")

@@ -24,9 +24,8 @@ from torch import nn
 
 from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.data.clients import IGNORE_INDEX, ClientDataset, collate_clients
-from fedlora.layers import MultiLoRALinear, segments
+from fedlora.layers import DeltaLinear, MultiLoRALinear, segments
 
-from fedlora.layers import DeltaLinear
 from .optim import PerClientOptimizer, scheduled_lr
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -188,23 +187,3 @@ def train_clients(fm: FederatedModel, clients: Sequence[ClientDataset], streams:
     for bank in fm.banks():
         bank.requires_grad_(False)
     return losses
-
-
-@torch.no_grad()
-def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, batch_size: int = 8) -> float:
-    """Token-weighted mean next-token loss of the model as it stands (single zero adapter loaded)."""
-    if not examples:
-        return float("nan")
-    fm.model.eval()
-    total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i:i + batch_size])
-        batch = collate_clients([chunk], pad_token_id)
-        with segments(fm.model, [len(chunk)], [0]):
-            logits = fm.model(input_ids=batch["input_ids"].to(fm.device),
-                              attention_mask=batch["attention_mask"].to(fm.device)).logits
-        labels = batch["labels"].to(fm.device)[:, 1:]
-        n = int((labels != IGNORE_INDEX).sum())
-        total += float(client_losses(logits, batch["labels"].to(fm.device), [len(chunk)])[0]) * n
-        tokens += n
-    return total / max(tokens, 1)

@@ -1,20 +1,24 @@
-"""Rouge-L of greedy generations: FlexLoRA's metric for instruction data.
+"""Evaluation of the global model (base + the rule's global update): loss, perplexity, Rouge-L.
 
-An encoded instruction example holds the prompt (labels -100) followed by the
+FlexLoRA's protocol: held-out examples of training clients and clients never
+trained on ("unseen"). For instruction data also Rouge-L of greedy generations:
+an encoded instruction example holds the prompt (labels -100) followed by the
 answer; the model continues the prompt greedily and the continuation is scored
 against the answer with Google's `rouge-score` (Rouge-L F-measure). Clients are
 averaged with weights proportional to their size, as FlexLoRA reports it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from fedlora.data.clients import IGNORE_INDEX, ClientDataset
+from fedlora.data.clients import IGNORE_INDEX, ClientDataset, collate_clients
 from fedlora.layers import segments
+from fedlora.strategies import Strategy
 
-from .trainer import FederatedModel
+from .trainer import FederatedModel, client_losses
 
 
 def split_prompt(example) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +73,44 @@ def rouge_l(fm: FederatedModel, tokenizer, per_client: Sequence[tuple[float, lis
             total += client_weight * sum(scores) / len(scores)
             weight += client_weight
     return total / weight if weight else float("nan")
+
+
+@torch.no_grad()
+def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, batch_size: int = 8) -> float:
+    """Token-weighted mean next-token loss of the model as it stands (single zero adapter loaded)."""
+    if not examples:
+        return float("nan")
+    fm.model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i:i + batch_size])
+        batch = collate_clients([chunk], pad_token_id)
+        with segments(fm.model, [len(chunk)], [0]):
+            logits = fm.model(input_ids=batch["input_ids"].to(fm.device),
+                              attention_mask=batch["attention_mask"].to(fm.device)).logits
+        labels = batch["labels"].to(fm.device)[:, 1:]
+        n = int((labels != IGNORE_INDEX).sum())
+        total += float(client_losses(logits, batch["labels"].to(fm.device), [len(chunk)])[0]) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
+                    max_new_tokens: int) -> dict:
+    """Loss, perplexity (and Rouge-L for instruction data) of the global model: base + global delta.
+
+    The global deltas are reconstructed once and serve every metric.
+    """
+    fm.load_zero_adapter()
+    fm.set_deltas(strategy.global_deltas())
+    out = {}
+    for name, examples in (("heldout", heldout), ("unseen", unseen)):
+        if examples:
+            loss = evaluate_loss(fm, examples, pad_id)
+            out[f"eval_{name}_loss"] = loss
+            out[f"eval_{name}_ppl"] = math.exp(min(loss, 50.0))
+    for name, picked in rouge_sets.items():
+        if picked:
+            out[f"eval_{name}_rougeL"] = rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens)
+    fm.set_deltas(None)
+    return out

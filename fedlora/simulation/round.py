@@ -1,0 +1,174 @@
+"""One federated round: the recipe ``fedlora simulate`` runs in-process and the Flower integration
+runs over a Grid. Both call these functions, so the same settings give the same round:
+
+1. :func:`sample` the round's clients (seeded by round);
+2. :func:`start_factors` each at its own rank, with the run's alphas; the rule's
+   ``client_base()`` (if any) is folded beside every client's base;
+3. train locally (:func:`local_plan`, :func:`client_stream`; in one batched pass
+   here, on its node under Flower) into a :func:`trained_update`;
+4. ``strategy.aggregate`` the updates and write a :func:`round_record`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from fedlora.data import ClientDataset
+from fedlora.federated.ranks import module_ranks
+from fedlora.federated.rng import stable_seed
+from fedlora.federated.update import ClientUpdate
+from fedlora.strategies import AggregationResult, Strategy
+from fedlora.strategies.base import merge_parts
+
+from .config import SimConfig
+from .setup import lora_alpha
+from .trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
+
+log = logging.getLogger("fedlora.simulate")
+
+T = TypeVar("T")
+UpdateHook = Callable[[ClientUpdate], ClientUpdate]
+
+
+# ------------------------------------------------------------------ sampling
+def num_sampled(cfg: SimConfig, available: int) -> int:
+    """How many of ``available`` clients a round trains: a count, or a fraction when < 1 (at least 1)."""
+    k = cfg.clients_per_round
+    k = int(round(k * available)) if k < 1 else int(k)
+    return max(1, min(k, available))
+
+
+def sample(cfg: SimConfig, round_idx: int, population: Sequence[T]) -> list[T]:
+    """The round's clients out of ``population`` (in its order), seeded by (seed, round)."""
+    if not population:
+        return []
+    sampler = np.random.default_rng(stable_seed(cfg.seed, "sample", round_idx))
+    picked = sampler.choice(len(population), size=num_sampled(cfg, len(population)), replace=False)
+    return [population[i] for i in sorted(picked.tolist())]
+
+
+# ------------------------------------------------------------ what is sent
+def start_factors(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int):
+    """What a client of ``rank`` starts a round from: each module at its rank from cfg.rank_pattern,
+    with the run's alphas (the same on one machine and on Flower)."""
+    per_module = module_ranks(rank, strategy.module_shapes, cfg.rank_pattern)
+    return strategy.distribute(rank, client_id=client_id, module_ranks=per_module,
+                               alpha={n: lora_alpha(cfg, r) for n, r in per_module.items()})
+
+
+def served_rank(factors) -> int:
+    """A client's rank as served: its largest module rank (FedAvg's bucket mode may serve less than asked)."""
+    return max(a.shape[0] for a, _, _ in factors.values())
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of every tensor in an iterable (None entries, e.g. an absent dense part, count 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def factor_bytes(factors) -> int:
+    """What a client receives: its starting A and B of every module."""
+    return tensor_bytes(t for a, b, _ in factors.values() for t in (a, b))
+
+
+def base_bytes(parts) -> int:
+    """What a client receives of the rule's ``client_base()``: its dense parts and factors."""
+    return tensor_bytes(t for part in (parts or {}).values() for t in part)
+
+
+def upload_bytes(update: ClientUpdate, trainable) -> int:
+    """What a client uploads: the factors it trains (FFA-LoRA's A is frozen and re-derived from the seed)."""
+    return tensor_bytes(t for a, b, _ in update.modules.values()
+                        for key, t in (("A", a), ("B", b)) if key in trainable)
+
+
+# ------------------------------------------------------------- local training
+def local_steps(cfg: SimConfig, num_examples: int) -> int:
+    if cfg.local_epochs > 0:
+        return max(1, math.ceil(cfg.local_epochs * num_examples / cfg.batch_size))
+    return cfg.local_steps
+
+
+def local_plan(cfg: SimConfig, clients, train_A: bool) -> LocalPlan:
+    """The local training of ``clients`` in a round: each its own steps, the run's optimizer and schedule."""
+    return LocalPlan(steps=[local_steps(cfg, c.num_examples) for c in clients], batch_size=cfg.batch_size,
+                     lr=cfg.lr, lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer,
+                     weight_decay=cfg.weight_decay, momentum=cfg.momentum, batched=cfg.mode == "batched",
+                     train_A=train_A)
+
+
+def client_stream(cfg: SimConfig, round_idx: int, client: ClientDataset) -> ExampleStream:
+    """A client's data order in a round: seeded by (seed, round, client), wherever it trains."""
+    return ExampleStream(client.train, stable_seed(cfg.seed, "data", round_idx, client.client_id))
+
+
+def trained_update(cfg: SimConfig, fm: FederatedModel, k: int, client: ClientDataset, start, losses) -> ClientUpdate:
+    """Client k's update after local training from ``start``, with its mean training loss."""
+    alpha_of = {name: f[2] for name, f in start.items()}
+    return ClientUpdate(client.client_id, client.num_examples, served_rank(start), fm.client_factors(k, alpha_of),
+                        use_rslora=cfg.use_rslora,
+                        metrics={"train_loss": float(np.mean(losses)) if losses else float("nan")})
+
+
+# ------------------------------------------------------------------ records
+def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], trained_ranks: Sequence[int],
+                 updates: Sequence[ClientUpdate], result: AggregationResult, rejected: Mapping[str, str],
+                 bytes_up: int, bytes_down: int) -> dict:
+    """The metrics line of a round (metrics.jsonl), the same keys in simulate and on Flower.
+
+    train_loss is the mean of the accepted clients' training losses weighted by their examples.
+    ``rejected`` holds the reasons found before aggregation; the rule's own rejections are added.
+    """
+    accepted = [u for u in updates if u.client_id in result.accepted]
+    losses = [u.metrics.get("train_loss", math.nan) for u in accepted]
+    weights = [u.num_examples for u in accepted]
+    return {
+        "round": round_idx,
+        "clients": list(clients),
+        "ranks": list(ranks),
+        "trained_ranks": list(trained_ranks),
+        "accepted": result.accepted,
+        "rejected": {**rejected, **result.rejected},
+        "state_changed": result.changed,
+        "train_loss": float(np.average(losses, weights=weights)) if accepted else float("nan"),
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+    }
+
+
+# -------------------------------------------------------- the in-process round
+def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Strategy,
+              sampled: Sequence[ClientDataset], rank_of: Mapping[str, int], pad_id: int,
+              update_hook: UpdateHook | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Train ``sampled`` clients of the round in one batched pass, aggregate, return the round record."""
+    ids = [c.client_id for c in sampled]
+    ranks = [rank_of[c] for c in ids]
+    starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
+    fm.load_clients(starts)
+    base = strategy.client_base()
+    fm.set_deltas(merge_parts(base) if base else None)
+    streams = [client_stream(cfg, round_idx, c) for c in sampled]
+    plan = local_plan(cfg, sampled, train_A="A" in strategy.trainable)
+    losses = train_clients(fm, sampled, streams, plan, pad_id, progress=progress)
+
+    updates, failed = [], {}
+    bytes_up = 0
+    bytes_down = sum(factor_bytes(s) for s in starts)
+    for k, client in enumerate(sampled):
+        update = trained_update(cfg, fm, k, client, starts[k], losses[k])
+        try:
+            if update_hook is not None:
+                update = update_hook(update)
+        except Exception as exc:  # one client's crash must not stop the round
+            failed[client.client_id] = f"client crashed: {type(exc).__name__}: {exc}"
+            log.warning("round %d: %s", round_idx, failed[client.client_id])
+            continue
+        bytes_up += upload_bytes(update, strategy.trainable)
+        updates.append(update)
+    result = strategy.aggregate(updates)
+    return round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,
+                        bytes_up, bytes_down)

@@ -1,0 +1,122 @@
+"""``fedlora simulate``: a federated LoRA fine-tuning experiment on one machine.
+
+Per round: sample clients (seeded by round), hand each its starting factors at
+its own rank (``strategy.distribute``), train every sampled client in the same
+batched forward/backward (or one after another with ``mode="sequential"``),
+aggregate the updates (bad ones are rejected with a reason; the round goes on),
+evaluate the global model, account the bytes each client sent and received,
+and checkpoint atomically. Every random choice is seeded by (seed, round,
+client), so ``resume`` ends exactly where an uninterrupted run would.
+The round itself is :func:`fedlora.simulation.round.run_round`, the recipe the
+Flower integration shares.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedlora.data import FederatedData
+from fedlora.federated.rng import stable_seed
+from fedlora.strategies import Strategy
+
+from . import reporting
+from .checkpoints import Checkpoints, run_defining
+from .config import SimConfig
+from .evaluation import evaluate_global, pick_examples
+from .export import export_peft_adapter
+from .round import UpdateHook, run_round, sample
+from .setup import make_strategy, setup_run
+
+log = logging.getLogger("fedlora.simulate")
+
+
+@dataclass
+class SimulationResult:
+    output_dir: Path
+    metrics: list[dict]
+    strategy: Strategy
+    adapter_dir: Path | None = None
+    client_ranks: dict[str, int] = field(default_factory=dict)
+
+
+def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | None = None,
+             data: FederatedData | None = None, stop_after: int | None = None) -> SimulationResult:
+    """Run the experiment ``cfg`` (defaults: the built-in SmolLM2 x Shakespeare FlexLoRA run).
+
+    update_hook: called on every client update before aggregation (tests use it to
+    corrupt or crash a client); an exception there drops only that client.
+    data: pre-built federated data (skips loading ``cfg.dataset``).
+    stop_after: stop after this many rounds of this call (to test resuming).
+    """
+    if cfg is None:
+        cfg = SimConfig()
+    elif isinstance(cfg, dict):
+        cfg = SimConfig.from_dict(cfg)
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = setup_run(cfg, data)
+    fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
+    rank_of = {c.client_id: r for c, r in zip(clients, ranks)}
+    strategy = make_strategy(cfg, fm.module_shapes, ranks, run.device)
+    checkpoints = Checkpoints(out)
+    metrics: list[dict] = []
+    totals = {"bytes_up": 0, "bytes_down": 0}
+    start_round = 0
+    if cfg.resume:
+        state = checkpoints.load(strategy)
+        if state is not None:
+            saved, now = run_defining(state["config"]), run_defining(cfg.to_dict())
+            if saved != now:
+                diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+                        if saved.get(k) != now.get(k)}
+                raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
+                                 f"(name: (checkpoint, now)): {diff}")
+            start_round, metrics, totals = state["next_round"], state["metrics"], state["totals"]
+            log.info("resuming at round %d from %s", start_round, out)
+
+    heldout = [ex for c in clients for ex in c.heldout][: cfg.eval_max_examples]
+    unseen = [ex for c in data.unseen_clients for ex in c.train + c.heldout][: cfg.eval_max_examples]
+    rouge_sets = {}
+    if cfg.dataset != "shakespeare" and cfg.eval_generate_examples > 0:  # FlexLoRA's metric for instructions
+        rouge_sets = {"heldout": pick_examples(clients, cfg.eval_generate_examples, unseen=False),
+                      "unseen": pick_examples(data.unseen_clients, cfg.eval_generate_examples, unseen=True)}
+    (out / "config.json").write_text(cfg.to_json())
+
+    rounds = range(start_round, cfg.rounds)
+    bar = reporting.progress(rounds, cfg.progress, desc="rounds", unit="round")
+    done_now = 0
+    for round_idx in bar:
+        t0 = time.perf_counter()
+        sampled = sample(cfg, round_idx, clients)
+        torch.manual_seed(stable_seed(cfg.seed, "round", round_idx))  # dropout
+        steps_bar = reporting.progress(None, cfg.progress, desc=f"round {round_idx} local steps",
+                                       unit="client-step", leave=False)
+        record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
+                           progress=steps_bar.update if steps_bar is not None else None)
+        if steps_bar is not None:
+            steps_bar.close()
+        totals["bytes_up"] += record["bytes_up"]
+        totals["bytes_down"] += record["bytes_down"]
+        if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
+            record.update(evaluate_global(fm, strategy, heldout, unseen, pad_id, tokenizer, rouge_sets,
+                                          cfg.max_new_tokens))
+        record["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        record.update({f"total_{k}": v for k, v in totals.items()})
+        metrics.append(record)
+        reporting.write_metrics(out / "metrics.jsonl", metrics)
+        checkpoints.save(round_idx, strategy, {"next_round": round_idx + 1, "metrics": metrics, "totals": totals,
+                                               "config": cfg.to_dict()})
+        reporting.summary(record, cfg.progress)
+        done_now += 1
+        if stop_after is not None and done_now >= stop_after and round_idx + 1 < cfg.rounds:
+            return SimulationResult(out, metrics, strategy, None, rank_of)
+
+    reporting.plot(metrics, out / "metrics.png")
+    export_rank = cfg.export_rank or max(ranks)
+    adapter_dir = export_peft_adapter(strategy, out / "adapter", export_rank, cfg)
+    return SimulationResult(out, metrics, strategy, adapter_dir, rank_of)

@@ -1,0 +1,112 @@
+"""What a run loads before its first round: device, dtype, model, data, client ranks and the strategy.
+
+The same on one machine (``fedlora simulate``) and on every Flower node, so that
+both see the same clients in the same order with the same ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedlora.data import ClientDataset, FederatedData, load_instructions, load_shakespeare, read_jsonl
+from fedlora.data.instructions import partition_by_field
+from fedlora.federated.ranks import assign_ranks, module_ranks
+from fedlora.models import load_model
+from fedlora.strategies import Strategy, registry
+
+from .config import SimConfig
+from .trainer import FederatedModel
+
+
+def device_of(cfg: SimConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype_of(cfg: SimConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    except KeyError:
+        raise ValueError(f"config: dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}") from None
+
+
+def lora_alpha(cfg: SimConfig, rank: int) -> float:
+    """The LoRA alpha of a module trained at ``rank``: cfg.lora_alpha, or 2 * rank when that is 0."""
+    return float(cfg.lora_alpha) if cfg.lora_alpha > 0 else 2.0 * rank
+
+
+def load_data(cfg: SimConfig, tokenizer) -> FederatedData:
+    max_clients = cfg.num_clients or None
+    if cfg.dataset == "shakespeare":
+        return load_shakespeare(tokenizer, seq_len=cfg.seq_len, min_lines=cfg.min_lines,
+                                unseen_fraction=cfg.unseen_fraction, heldout_fraction=cfg.heldout_fraction,
+                                seed=cfg.seed, max_clients=max_clients)
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise ValueError(f"config: dataset must be 'shakespeare' or an instruction JSONL file; {path} does not exist")
+    if cfg.partition == "field":
+        num_parts = len(partition_by_field(read_jsonl(path), cfg.client_field))
+    else:
+        num_parts = max_clients or 0
+    # FlexLoRA's "unseen clients" protocol: a seeded share of clients is never trained on.
+    unseen = int(cfg.unseen_fraction * num_parts) if num_parts > 1 else 0
+    data = load_instructions(path, tokenizer, partition=cfg.partition, client_field=cfg.client_field,
+                             category_field=cfg.category_field, num_clients=max_clients, alpha=cfg.dirichlet_alpha,
+                             heldout_fraction=cfg.heldout_fraction, unseen_clients=min(unseen, num_parts - 1),
+                             max_len=cfg.seq_len, seed=cfg.seed)
+    if max_clients and len(data.train_clients) > max_clients:
+        data.train_clients = data.train_clients[:max_clients]
+    return data
+
+
+def make_strategy(cfg: SimConfig, module_shapes, ranks: list[int], device=None) -> Strategy:
+    """The configured strategy, initialised at the global rank of every module.
+
+    The rule itself says which rank mixes it serves (``check_client_ranks``) and
+    what a module's global rank is given its clients' ranks (``global_rank``:
+    the largest by default; FedAvg the smallest, which bucket mode trains everyone at).
+    """
+    strategy = registry.create(cfg.strategy, cfg.strategy_options, use_rslora=cfg.use_rslora, seed=cfg.seed)
+    per_client = [module_ranks(r, module_shapes, cfg.rank_pattern) for r in ranks]
+    try:
+        strategy.check_client_ranks(per_client)
+    except ValueError as exc:
+        raise ValueError(f"config: {exc}") from None
+    global_modules = {name: strategy.global_rank([m[name] for m in per_client]) for name in module_shapes}
+    strategy.init_global(module_shapes, rank=strategy.global_rank(ranks), module_ranks=global_modules)
+    return strategy
+
+
+@dataclass
+class RunSetup:
+    """The model wrapped for training and the training clients with their ranks, as a run loads them."""
+
+    fm: FederatedModel
+    tokenizer: object
+    pad_id: int
+    data: FederatedData
+    clients: list[ClientDataset]  # the training clients with examples, in data order
+    ranks: list[int]  # assign_ranks' rank of each of them
+    device: torch.device
+
+
+def setup_run(cfg: SimConfig, data: FederatedData | None = None) -> RunSetup:
+    """Load ``cfg``'s model and data and assign ranks: the same on one machine and on every Flower node."""
+    device = device_of(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=dtype_of(cfg, device),
+                                  quantization=None if cfg.quantization == "none" else cfg.quantization,
+                                  device=device, seed=cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = data if data is not None else load_data(cfg, tokenizer)
+    clients = [c for c in data.train_clients if c.num_examples > 0]
+    if not clients:
+        raise ValueError("the dataset produced no training client with examples")
+    ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
+    fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+    return RunSetup(fm, tokenizer, pad_id, data, clients, ranks, device)
