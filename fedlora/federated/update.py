@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedlora.bank import lora_scaling
+
+from .strict import MAX_COUNT, json_object, strict_bool, strict_float, strict_int, strict_mapping, strict_str
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "fedlora.update"
@@ -76,28 +79,45 @@ class ClientUpdate:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ClientUpdate:
-        """Parse a blob made by :meth:`to_bytes`; ValueError on anything malformed."""
-        header, tensors = read_blob(data, _HEADER_KEY)
-        alphas = header.get("alphas")
-        if not isinstance(alphas, dict):
-            raise ValueError("update header has no 'alphas' mapping")
+        """Parse a blob made by :meth:`to_bytes`; ValueError on anything malformed.
+
+        Nothing is converted: a header field of the wrong type (``num_examples`` 3.7, "12" or true,
+        ``use_rslora`` "false", a numeric client id) is an error, as is a tensor of a dtype other
+        than float16/bfloat16/float32/float64 or a tensor the header does not name; the tensor
+        table is checked before any tensor is read.
+        """
+        meta, entries = read_tensor_table(data)
+        header = read_header(meta, _HEADER_KEY)
+        unknown = sorted(set(header) - _HEADER_FIELDS)
+        if unknown:
+            raise ValueError(f"update header has unknown fields {unknown}")
+        missing = sorted(_HEADER_FIELDS - set(header))
+        if missing:
+            raise ValueError(f"update header lacks {missing}")
+        client_id = strict_str(header["client_id"], "update header: client_id")
+        num_examples = strict_int(header["num_examples"], "update header: num_examples", low=1, high=MAX_COUNT)
+        rank = strict_int(header["rank"], "update header: rank", low=1)
+        use_rslora = strict_bool(header["use_rslora"], "update header: use_rslora")
+        alphas = strict_mapping(header["alphas"], "update header: alphas")
+        alphas = {str(n): strict_float(a, f"update header: alpha of {n}", low=0.0, low_open=True)
+                  for n, a in alphas.items()}
+        metrics = strict_mapping(header["metrics"], "update header: metrics")
+        # a metric is reported, never computed with: NaN (a client that took no step) is allowed
+        metrics = {str(k): strict_float(v, f"update header: metric {k}", finite=False) for k, v in metrics.items()}
         expected = {n + s for n in alphas for s in (_A, _B)}
-        if set(tensors) != expected:
-            missing = sorted(expected - set(tensors))
-            extra = sorted(set(tensors) - expected)
+        if set(entries) != expected:
+            missing = sorted(expected - set(entries))
+            extra = sorted(set(entries) - expected)
             raise ValueError(f"update tensors do not match its header: missing {missing}, unexpected {extra}")
-        try:
-            modules = {n: (tensors[n + _A], tensors[n + _B], float(alpha)) for n, alpha in alphas.items()}
-            return cls(
-                client_id=str(header["client_id"]),
-                num_examples=int(header["num_examples"]),
-                rank=int(header["rank"]),
-                modules=modules,
-                use_rslora=bool(header.get("use_rslora", False)),
-                metrics={k: float(v) for k, v in header.get("metrics", {}).items()},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"update header is malformed: {exc!r}") from exc
+        for key, (dtype, shape) in entries.items():
+            if dtype not in UPDATE_DTYPES:
+                raise ValueError(f"{key} has dtype {dtype}; an update holds {sorted(UPDATE_DTYPES)}")
+            if len(shape) != 2:
+                raise ValueError(f"{key} has shape {shape}; factors are 2-D")
+        tensors = _load_tensors(data, _HEADER_KEY)
+        modules = {n: (tensors[n + _A], tensors[n + _B], alpha) for n, alpha in alphas.items()}
+        return cls(client_id=client_id, num_examples=num_examples, rank=rank, modules=modules,
+                   use_rslora=use_rslora, metrics=metrics)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write(path, self.to_bytes())
@@ -108,49 +128,83 @@ class ClientUpdate:
 
 
 # ------------------------------------------------------------------ helpers
-def read_safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob, read as JSON from its header.
+# safetensors' dtype names of the float types an update (or a strategy state) may hold
+UPDATE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_HEADER_FIELDS = {"version", "client_id", "num_examples", "rank", "use_rslora", "alphas", "metrics"}
 
-    safetensors.torch.load drops the metadata, so the header (an 8-byte length,
-    then JSON) is parsed here directly.
+
+def read_tensor_table(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """(``__metadata__``, name -> (dtype name, shape)) of a safetensors blob, read from its header only.
+
+    safetensors.torch.load drops the metadata, so the header (an 8-byte length, then
+    JSON) is parsed here directly, strictly: metadata values must be strings, every
+    tensor entry needs a dtype string and a shape of non-negative ints whose bytes fit
+    the blob. So a blob's work is known before any tensor is allocated.
     """
+    data = bytes(data[:8]) + bytes(data[8:]) if not isinstance(data, bytes) else data
     if len(data) < 8:
         raise ValueError("blob is too short to be safetensors")
-    (size,) = struct.unpack("<Q", bytes(data[:8]))
+    (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise ValueError(f"safetensors header claims {size} bytes but the blob has {len(data) - 8}")
-    try:
-        header = json.loads(bytes(data[8:8 + size]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"safetensors header is not JSON: {exc}") from exc
-    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
-    return meta if isinstance(meta, dict) else {}
+    header = json_object(data[8:8 + size], "safetensors header")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("safetensors metadata must map names to strings")
+    body = len(data) - 8 - size
+    entries = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+            raise ValueError(f"safetensors entry {name!r} has no dtype")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise ValueError(f"safetensors entry {name!r} has shape {shape!r}; expected non-negative integers")
+        offsets = entry.get("data_offsets")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= body):
+            raise ValueError(f"safetensors entry {name!r} has data offsets {offsets!r} outside the blob's {body} bytes")
+        if math.prod(shape) > body:  # more elements than bytes: cannot be real (the shape may be 2**60)
+            raise ValueError(f"safetensors entry {name!r} has shape {shape}, more elements than the blob's "
+                             f"{body} bytes")
+        entries[name] = (entry["dtype"], shape)
+    return meta, entries
 
 
-def read_header(data: bytes, key: str) -> dict:
+def read_safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (see :func:`read_tensor_table`)."""
+    return read_tensor_table(data)[0]
+
+
+def read_header(meta: Mapping[str, str], key: str) -> dict:
     """The versioned JSON header stored under ``key`` in a safetensors blob's metadata."""
-    meta = read_safetensors_metadata(data)
     if key not in meta:
         raise ValueError(f"safetensors metadata has no {key!r} entry: not a fedlora file of this kind")
-    try:
-        header = json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{key} header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{key} header must be a JSON object")
-    if header.get("version") != FORMAT_VERSION:
+    header = json_object(meta[key], f"{key} header")
+    if header.get("version") != FORMAT_VERSION or isinstance(header.get("version"), bool):
         raise ValueError(f"{key} has format version {header.get('version')!r}, expected {FORMAT_VERSION}")
     return header
 
 
-def read_blob(data: bytes, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON header under ``key``, tensors) of a fedlora safetensors blob; ValueError if malformed."""
-    header = read_header(data, key)
+def _load_tensors(data: bytes, key: str) -> dict[str, torch.Tensor]:
     try:
-        tensors = st_load(bytes(data))
+        return st_load(bytes(data))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{key} blob is not valid safetensors: {exc}") from exc
-    return header, tensors
+
+
+def read_blob(data: bytes, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON header under ``key``, tensors) of a fedlora safetensors blob; ValueError if malformed.
+
+    Tensors of other than float16/bfloat16/float32/float64 are refused before loading.
+    """
+    meta, entries = read_tensor_table(data)
+    header = read_header(meta, key)
+    for name, (dtype, _) in entries.items():
+        if dtype not in UPDATE_DTYPES:
+            raise ValueError(f"{key}: tensor {name} has dtype {dtype}; expected one of {sorted(UPDATE_DTYPES)}")
+    return header, _load_tensors(data, key)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

@@ -44,11 +44,14 @@ from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.federated.privacy import DPConfig, privatize
 from fedlora.federated.rng import lora_init_A, stable_seed
 from fedlora.federated.update import FORMAT_VERSION, ClientUpdate, atomic_write, read_blob
-from fedlora.federated.validation import validate_update
+from fedlora.federated.strict import strict_float, strict_int
+from fedlora.federated.validation import norm_outliers, validate_update
 
 log = logging.getLogger("fedlora.strategies")
 
 _STATE_KEY = "fedlora.state"
+# An honest round's updates differ in size by a few times (ranks, data); a poisoned one by orders of magnitude.
+DEFAULT_MAX_NORM_RATIO = 10.0
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 # module -> (dense [d_out, d_in] or None, A [k, d_in], B [d_out, k]); the delta is dense + B @ A
 BaseParts = dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]
@@ -70,23 +73,36 @@ class Strategy(abc.ABC):
 
     min_updates: a round with fewer valid updates keeps the previous state.
     max_update_norm: reject updates whose weight-space norm sqrt(sum_m ||s B A||^2) is larger.
+    max_norm_ratio: reject updates whose norm (of the product, of A or of s B) is more than this
+        many times the round's (lower) median; 0 or None turns the bound off
+        (fedlora.federated.validation.norm_outliers).
     dp: client-level differential privacy (see fedlora.federated.privacy); None = off.
+
+    A round never ends the run: an update that fails validation is rejected with a
+    reason, and a round whose aggregation raises an arithmetic or linear-algebra error
+    or leaves a non-finite state keeps the previous state and rejects every update of
+    the round with the reason.
     """
 
     name = "strategy"
     trainable: tuple[str, ...] = ("A", "B")  # which factors clients train (and DP noises)
 
-    def __init__(self, *, min_updates: int = 1, max_update_norm: float | None = None, dp: DPConfig | None = None,
+    def __init__(self, *, min_updates: int = 1, max_update_norm: float | None = None,
+                 max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO, dp: DPConfig | None = None,
                  use_rslora: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
-        if min_updates < 1:
-            raise ValueError(f"min_updates must be >= 1, got {min_updates}")
-        if max_update_norm is not None and not max_update_norm > 0:
-            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        strict_int(min_updates, "min_updates", low=1)
+        if max_update_norm is not None:
+            strict_float(max_update_norm, "max_update_norm", low=0.0, low_open=True)
+        if max_norm_ratio is not None:
+            strict_float(max_norm_ratio, "max_norm_ratio", low=0.0)
+            if 0 < max_norm_ratio < 1:
+                raise ValueError(f"max_norm_ratio must be 0 (off) or >= 1, got {max_norm_ratio}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the global state is kept in float32 or float64, got {dtype}")
         self.min_updates = min_updates
         self.max_update_norm = max_update_norm
+        self.max_norm_ratio = max_norm_ratio or None
         self.dp = dp
         self.use_rslora = use_rslora
         self.seed = seed
@@ -152,8 +168,14 @@ class Strategy(abc.ABC):
         factors = self._distribute(served, alphas, client_id)
         return {name: (a, b, alphas[name]) for name, (a, b) in factors.items()}
 
-    def aggregate(self, updates: Iterable[ClientUpdate]) -> AggregationResult:
-        """Validate ``updates``, aggregate the valid ones into the global state."""
+    def aggregate(self, updates: Iterable[ClientUpdate],
+                  served: Mapping[str, Mapping[str, int]] | None = None) -> AggregationResult:
+        """Validate ``updates``, aggregate the valid ones into the global state.
+
+        served: client id -> module name -> the rank the server sent that client this
+            round; when given, an update from a client not in it, or whose module ranks
+            differ from what it was sent, is rejected.
+        """
         self._require_init()
         accepted: list[ClientUpdate] = []
         rejected: dict[str, str] = {}
@@ -161,14 +183,20 @@ class Strategy(abc.ABC):
             cid = str(getattr(upd, "client_id", f"<{type(upd).__name__}>"))
             if any(u.client_id == cid for u in accepted):
                 reason = "duplicate client id in this round"
+            elif served is not None and cid not in served:
+                reason = "the server sent this client no work this round"
             else:
-                reason = validate_update(upd, self.module_shapes, rank_check=self._rank_check,
-                                         max_norm=self.max_update_norm) or self._check_update(upd)
+                reason = self._validate(upd, None if served is None else served[cid])
             if reason is None:
                 accepted.append(upd)
             else:
-                log.warning("%s round %d: rejected update from %s: %s", self.name, self.round, cid, reason)
                 rejected[cid] = reason
+        if self.max_norm_ratio is not None and accepted:
+            outliers = norm_outliers(accepted, self.max_norm_ratio)
+            rejected.update(outliers)
+            accepted = [u for u in accepted if u.client_id not in outliers]
+        for cid, reason in rejected.items():
+            log.warning("%s round %d: rejected update from %s: %s", self.name, self.round, cid, reason)
         round_idx = self.round
         ids = [u.client_id for u in accepted]
         if len(accepted) < self.min_updates:
@@ -179,10 +207,41 @@ class Strategy(abc.ABC):
             accepted = [self._privatize(u) for u in accepted]
         accepted = [self._to_state(u) for u in accepted]
         data_weights = self._data_weights(accepted)
-        self._aggregate(accepted, data_weights)
+        failure = self._guarded_aggregate(accepted, data_weights)
+        if failure is not None:
+            log.warning("%s round %d: %s; keeping the previous state", self.name, round_idx, failure)
+            rejected.update(dict.fromkeys(ids, f"round not aggregated: {failure}"))
+            return AggregationResult(round_idx, [], rejected, changed=False)
         self.round += 1
         return AggregationResult(round_idx, ids, rejected, changed=True,
                                  weights={u.client_id: float(w) for u, w in zip(accepted, data_weights)})
+
+    def _validate(self, update: ClientUpdate, served: Mapping[str, int] | None) -> str | None:
+        """Why ``update`` is rejected, or None; whatever the update holds, a reason and never an exception."""
+        try:
+            return (validate_update(update, self.module_shapes, rank_check=self._rank_check,
+                                    max_norm=self.max_update_norm, served=served)
+                    or self._check_update(update))
+        except Exception as exc:  # noqa: BLE001 (a malformed object is that client's rejection, not the run's end)
+            return f"invalid update: {type(exc).__name__}: {_first_line(exc)}"
+
+    def _guarded_aggregate(self, updates: Sequence[ClientUpdate], weights: torch.Tensor) -> str | None:
+        """Run ``_aggregate``; on an arithmetic failure or a non-finite state restore the state and say why.
+
+        ``_aggregate`` replaces entries of ``self._tensors`` rather than writing into
+        them, so a shallow copy of the dict is the previous state.
+        """
+        before, extra = dict(self._tensors), self._extra_meta()
+        try:
+            self._aggregate(updates, weights)
+            bad = next((k for k, t in self._tensors.items() if not torch.isfinite(t).all()), None)
+            failure = None if bad is None else f"aggregation made {bad} non-finite"
+        except (ArithmeticError, RuntimeError, ValueError) as exc:  # LinAlgError is a RuntimeError
+            failure = f"aggregation failed: {type(exc).__name__}: {_first_line(exc)}"
+        if failure is not None:
+            self._tensors = before
+            self._load_extra_meta(extra)
+        return failure
 
     def global_delta(self, name: str) -> torch.Tensor:
         """The global model's effective weight update of module ``name``, dense [d_out, d_in] (scaling folded in).
@@ -394,6 +453,11 @@ def padded_factor_average(updates: Sequence[ClientUpdate], name: str, weights: S
             A[:r].add_(a, alpha=float(w))
         B[:, :r].add_(b, alpha=float(w) * u.scaling(name))
     return A, B
+
+
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolve_ranks(module_shapes: Mapping[str, tuple[int, int]], rank: int,

@@ -32,12 +32,16 @@ Before the first aggregation dW = 0 and clients get fresh LoRA (seeded A, B = 0)
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fedlora import ops
 from fedlora.bank import AdapterBank
 
 from .base import Strategy
+
+log = logging.getLogger("fedlora.strategies")
 
 _SVD_METHODS = ("exact", "auto", "factored", "randomized", "dense")  # the last four: lowrank_svd's
 
@@ -79,14 +83,14 @@ class FlexLoRA(Strategy):
             totals = {n: sum(u.module_rank(n) for u in updates) for n in names}
             keep = {n: min(self.max_rank or max(u.module_rank(n) for u in updates), totals[n], d_out, d_in)
                     for n in names}
-            banks = [AdapterBank.from_factors([u.modules[n][:2] for u in updates],
-                                              scalings=[u.scaling(n) for u in updates]) for n in names]
+            factors = {n: [u.modules[n][:2] for u in updates] for n in names}
+            scalings = {n: [u.scaling(n) for u in updates] for n in names}
             method = self.svd_method
             if method == "exact":
                 method = "factored" if max(totals.values()) < min(d_out, d_in) else "dense"
             # One batched SVD per shape group at the group's largest K; the leading
             # k triplets of a rank-K truncation are the rank-k truncation.
-            U, S, V = ops.lowrank_svd(banks, weights=weights.tolist(), rank=max(keep.values()), method=method)
+            U, S, V = robust_svd(factors, scalings, weights.tolist(), max(keep.values()), method, self.dtype)
             for i, name in enumerate(names):
                 k = keep[name]
                 self._set(name, U[i][:, :k].to(self.dtype).contiguous(), S[i][:k].to(self.dtype).contiguous(),
@@ -111,3 +115,30 @@ class FlexLoRA(Strategy):
                 B = torch.cat([B, self._zeros_B(name, rank - k)], dim=1)
             out[name] = (A.contiguous(), B.contiguous())
         return out
+
+
+def robust_svd(factors: dict[str, list], scalings: dict[str, list[float]], weights: list[float], rank: int,
+               method: str, dtype: torch.dtype):
+    """``ops.lowrank_svd`` of each module's weighted sum of products, batched over ``factors``' modules.
+
+    An SVD can fail to converge (LinAlgError) or come back non-finite on ill-conditioned
+    input; then it is retried in float64, then as float64 "dense" (the reconstructed
+    matrix's SVD). RuntimeError if all of them fail: the strategy keeps its state.
+    """
+    attempts = [(dtype, method), (torch.float64, method), (torch.float64, "dense")]
+    errors = []
+    for work, how in dict.fromkeys(attempts):  # in order, without repeats
+        try:
+            banks = [AdapterBank.from_factors([(a.to(work), b.to(work)) for a, b in factors[n]], scalings=scalings[n])
+                     for n in factors]
+            U, S, V = ops.lowrank_svd(banks, weights=weights, rank=rank, method=how)
+            if all(torch.isfinite(t).all() for t in (U, S, V)):
+                if errors:
+                    log.warning("flexlora: SVD fell back to %s %s after %s", str(work).removeprefix("torch."),
+                                how, "; ".join(errors))
+                return U, S, V
+            errors.append(f"{str(work).removeprefix('torch.')} {how}: non-finite result")
+        except (RuntimeError, ValueError) as exc:  # torch.linalg.LinAlgError is a RuntimeError
+            errors.append(f"{str(work).removeprefix('torch.')} {how}: {type(exc).__name__.lstrip('_')}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200])
+    raise RuntimeError("SVD failed in every precision and method: " + "; ".join(errors))

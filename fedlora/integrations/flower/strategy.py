@@ -48,6 +48,7 @@ from .wire import (
     global_arrays,
     encode_train,
     error_reason,
+    guarded,
     payload_bytes,
 )
 
@@ -85,6 +86,7 @@ class FedLoRAStrategy(FlowerStrategy):
         self.history: list[dict] = []  # one record per round, as simulate's metrics.jsonl
         self.totals = {"bytes_up": 0, "bytes_down": 0}
         self._sent: dict[int, tuple[NodeProfile, int]] = {}  # this round: node id -> (profile, served rank)
+        self._served: dict[str, dict[str, int]] = {}  # this round: client id -> module -> rank sent
         self._round: dict = {}
 
     @classmethod
@@ -114,7 +116,7 @@ class FedLoRAStrategy(FlowerStrategy):
         parts = strategy.client_base() or {}
         deltas = global_arrays(parts) if parts else None
         delta_bytes = base_bytes(parts)
-        messages, self._sent, not_started = [], {}, {}
+        messages, self._sent, self._served, not_started = [], {}, {}, {}
         bytes_down = payload_down = 0
         for profile in picked:
             try:
@@ -128,6 +130,7 @@ class FedLoRAStrategy(FlowerStrategy):
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
             self._sent[profile.node_id] = (profile, served_rank(factors))
+            self._served[profile.client_id] = {name: a.shape[0] for name, (a, _, _) in factors.items()}
             bytes_down += factor_bytes(factors)
             payload_down += payload_bytes(content)
         self._round = {"round": round_idx, "server_round": server_round, "started": started,
@@ -162,10 +165,9 @@ class FedLoRAStrategy(FlowerStrategy):
                 missing[cid] = f"node {node_id} failed: {error_reason(msg)}"
             else:
                 payload_up += payload_bytes(msg.content)
-                try:
-                    update = decode_reply(msg.content)
-                except ValueError as exc:
-                    rejected[cid] = f"malformed reply from node {node_id}: {exc}"
+                update, reason = guarded(decode_reply, msg.content)
+                if reason is not None:
+                    rejected[cid] = f"malformed reply from node {node_id}: {reason}"
                     continue
                 if update.client_id != cid:
                     rejected[cid] = f"node {node_id} holds client {cid!r} but sent an update of {update.client_id!r}"
@@ -174,7 +176,8 @@ class FedLoRAStrategy(FlowerStrategy):
                 updates.append(update)
         for cid, reason in missing.items():
             log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
-        result = self.strategy.aggregate(updates)  # validates each update; bad ones come back with a reason
+        # validates each update (against the ranks each node was sent); bad ones come back with a reason
+        result = self.strategy.aggregate(updates, served=self._served)
         sent = sorted(self._sent.values(), key=lambda v: v[0].client_index)
         self.totals["bytes_up"] += bytes_up
         self.totals["bytes_down"] += info["bytes_down"]
@@ -247,11 +250,8 @@ class FedLoRAStrategy(FlowerStrategy):
             if node_id not in replies:
                 self.node_errors[node_id] = "no profile reply"
                 continue
-            try:
-                profile = decode_profile(replies[node_id])
-            except ValueError as exc:
-                reason = str(exc)
-            else:
+            profile, reason = guarded(decode_profile, replies[node_id])
+            if profile is not None:
                 # A restarted SuperNode comes back under a new id: it takes its client over from the old one.
                 for old in [n for n, p in self.profiles.items() if p.client_id == profile.client_id]:
                     if old not in connected:

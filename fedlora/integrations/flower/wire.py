@@ -18,19 +18,22 @@ Three exchanges, each one Flower ``Message`` with a ``RecordDict``:
   ``metrics`` MetricRecord with ``num-examples``.
 
 Arrays travel as Flower's own numpy serialization (``allow_pickle=False``) or
-safetensors; nothing is unpickled. Decoders raise ValueError with a reason.
+safetensors; nothing is unpickled. Decoders raise ValueError with a reason, and
+:func:`guarded` turns any other exception one node's data causes into a reason too.
 """
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedlora.federated.strict import MAX_COUNT, json_object, strict_int, strict_str
 from fedlora.federated.update import ClientUpdate
 
 PROFILE, START, ROUND, UPDATE = "fedlora.profile", "fedlora.start", "fedlora.round", "fedlora.update"
@@ -38,6 +41,11 @@ METRICS = "metrics"
 UPDATE_STYPE = "fedlora.update"  # an Array whose data is a ClientUpdate safetensors blob
 _A, _B = ".lora_A", ".lora_B"
 _GLOBAL = (".global_dense", ".global_A", ".global_B")  # FLoRA's global_parts: (dense or None, A_stack, B_stack)
+# Bounds on a profile, before the server allocates anything for it: the largest LLM layers are
+# a few 10^4 wide (Llama-3 405B's MLP: 53248); no adapted model has anywhere near 2**16 modules.
+MAX_DIM = 2**20
+MAX_MODULES = 2**16
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,18 +83,36 @@ def encode_profile(profile: NodeProfile) -> RecordDict:
 
 
 def decode_profile(message: Message) -> NodeProfile:
+    """A node's profile, parsed strictly (no conversion of any field); ValueError naming the field.
+
+    Bounds what a profile can make the server allocate: at most :data:`MAX_MODULES`
+    modules, each side at most :data:`MAX_DIM`, a rank at most the largest module's smaller side.
+    """
     record = _record(message, PROFILE, ConfigRecord)
-    try:
-        shapes = json.loads(record["module-shapes"])
-        return NodeProfile(
-            node_id=int(message.metadata.src_node_id), client_id=str(record["client-id"]),
-            client_index=int(record["client-index"]), num_clients=int(record["num-clients"]),
-            num_partitions=int(record["num-partitions"]), rank=int(record["rank"]),
-            num_examples=int(record["num-examples"]),
-            module_shapes={str(n): (int(s[0]), int(s[1])) for n, s in shapes.items()},
-        )
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise ValueError(f"malformed profile: {type(exc).__name__}: {exc}") from None
+    missing = sorted({"client-id", "client-index", "num-clients", "num-partitions", "rank", "num-examples",
+                      "module-shapes"} - set(record))
+    if missing:
+        raise ValueError(f"malformed profile: no {missing}")
+    shapes = json_object(record["module-shapes"], "profile module-shapes")
+    if not 1 <= len(shapes) <= MAX_MODULES:
+        raise ValueError(f"profile module-shapes names {len(shapes)} modules; expected 1..{MAX_MODULES}")
+    module_shapes = {}
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise ValueError(f"profile module-shapes[{name!r}] is {shape!r}; expected [d_out, d_in]")
+        module_shapes[name] = tuple(strict_int(d, f"profile module-shapes[{name!r}]", low=1, high=MAX_DIM)
+                                    for d in shape)
+    widest = max(min(s) for s in module_shapes.values())
+    return NodeProfile(
+        node_id=int(message.metadata.src_node_id),
+        client_id=strict_str(record["client-id"], "profile client-id"),
+        client_index=strict_int(record["client-index"], "profile client-index", low=0),
+        num_clients=strict_int(record["num-clients"], "profile num-clients", low=1),
+        num_partitions=strict_int(record["num-partitions"], "profile num-partitions", low=0),
+        rank=strict_int(record["rank"], "profile rank", low=1, high=widest),
+        num_examples=strict_int(record["num-examples"], "profile num-examples", low=1, high=MAX_COUNT),
+        module_shapes=module_shapes,
+    )
 
 
 # -------------------------------------------------------------------- train
@@ -154,10 +180,25 @@ def decode_reply(content: RecordDict) -> ClientUpdate:
         raise ValueError(f"the update array has stype {array.stype!r}, expected {UPDATE_STYPE!r}")
     update = ClientUpdate.from_bytes(array.data)
     metrics = content.metric_records.get(METRICS)
-    if metrics is not None and "num-examples" in metrics and int(metrics["num-examples"]) != update.num_examples:
-        raise ValueError(f"num-examples {metrics['num-examples']} in the metrics differs from the update's "
-                         f"{update.num_examples}")
+    if metrics is not None and "num-examples" in metrics:
+        reported = strict_int(metrics["num-examples"], "metrics num-examples")
+        if reported != update.num_examples:
+            raise ValueError(f"num-examples {reported} in the metrics differs from the update's {update.num_examples}")
     return update
+
+
+def guarded(decode: Callable[..., T], *args) -> tuple[T | None, str | None]:
+    """(decode(*args), None), or (None, a short reason) for ANY exception decoding raises.
+
+    The one boundary around what a node's data can make the server do: a bug or an
+    unforeseen input in a decoder or a check costs that node its round, never the run.
+    """
+    try:
+        return decode(*args), None
+    except ValueError as exc:
+        return None, _short(str(exc))
+    except Exception as exc:  # noqa: BLE001 (the point: no node may end the run)
+        return None, _short(f"{type(exc).__name__}: {exc}")
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -188,6 +229,11 @@ def error_reason(message: Message, limit: int = 400) -> str:
     """
     reason = re.sub(r"\x1b\[[0-9;]*m", "", str(message.error.reason)).strip()
     return reason if len(reason) <= limit else "..." + reason[-limit:]
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _record(message: Message, key: str, kind: type):
