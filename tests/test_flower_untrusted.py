@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord  # noqa: E402
 from flwr.app import RecordDict  # noqa: E402
 
-from fedlora.federated.config import SimConfig  # noqa: E402
+from fedlora.simulation.config import SimConfig  # noqa: E402
 from fedlora.federated.update import ClientUpdate  # noqa: E402
 from fedlora.integrations.flower import FlowerSettings, client_app, run_server  # noqa: E402
 from fedlora.integrations.flower.wire import (  # noqa: E402

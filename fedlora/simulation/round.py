@@ -65,6 +65,11 @@ def served_rank(factors) -> int:
     return max(a.shape[0] for a, _, _ in factors.values())
 
 
+def served_ranks(client_ids: Sequence[str], starts) -> dict[str, dict[str, int]]:
+    """client id -> module -> the rank it was sent: what its upload must come back at."""
+    return {cid: {name: a.shape[0] for name, (a, _, _) in start.items()} for cid, start in zip(client_ids, starts)}
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of every tensor in an iterable (None entries, e.g. an absent dense part, count 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -169,6 +174,6 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
             continue
         bytes_up += upload_bytes(update, strategy.trainable)
         updates.append(update)
-    result = strategy.aggregate(updates)
+    result = strategy.aggregate(updates, served=served_ranks(ids, starts))
     return round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,
                         bytes_up, bytes_down)

@@ -35,8 +35,8 @@ from fedlora.federated.update import atomic_write
 from fedlora.simulation import reporting
 from fedlora.simulation.config import SimConfig
 from fedlora.simulation.export import export_peft_adapter
-from fedlora.simulation.round import (base_bytes, factor_bytes, round_record, sample, served_rank, start_factors,
-                                      upload_bytes)
+from fedlora.simulation.round import (base_bytes, factor_bytes, round_record, sample, served_rank, served_ranks,
+                                      start_factors, upload_bytes)
 from fedlora.simulation.setup import make_strategy
 from fedlora.strategies import Strategy
 
@@ -130,7 +130,7 @@ class FedLoRAStrategy(FlowerStrategy):
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
             self._sent[profile.node_id] = (profile, served_rank(factors))
-            self._served[profile.client_id] = {name: a.shape[0] for name, (a, _, _) in factors.items()}
+            self._served.update(served_ranks([profile.client_id], [factors]))
             bytes_down += factor_bytes(factors)
             payload_down += payload_bytes(content)
         self._round = {"round": round_idx, "server_round": server_round, "started": started,
