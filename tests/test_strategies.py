@@ -158,6 +158,37 @@ def test_flexlora_before_any_round_and_above_the_kept_rank():
     assert rel(client_product(f, NAMES[0], 6), best_rank64(weighted_delta64(ups, NAMES[0]), 3)) < 1e-5
 
 
+def test_flexlora_keeps_the_federations_largest_rank_across_rounds():
+    """A rank-8 client that was not sampled in a round whose largest rank was 4 still starts from the
+    best rank-8 approximation of that round's dW (K = the federation's largest rank, not the round's)."""
+    s = _init(FlexLoRA(), rank=8)  # make_strategy's global rank: the federation's largest (8)
+    ups = updates_for([2, 3, 4])  # total rank 9 > 8: the rank-8 truncation is not dW itself
+    s.aggregate(ups)
+    for name in NAMES:
+        dW = weighted_delta64(ups, name)
+        assert s._tensors[f"{name}.S"].shape == (8,)
+        f = s.distribute(8, "skipped", alpha=16.0)
+        assert rel(client_product(f, name, 8), best_rank64(dW, 8)) < 1e-5
+        assert rel(best_rank64(dW, 8), best_rank64(dW, 4)) > 1e-2  # the old K = 4 state would be far off
+    capped = _init(FlexLoRA(max_rank=4), rank=8)  # max_rank still caps K
+    capped.aggregate(ups)
+    f = capped.distribute(8, "skipped", alpha=16.0)
+    assert rel(client_product(f, NAMES[0], 8), best_rank64(weighted_delta64(ups, NAMES[0]), 4)) < 1e-5
+
+
+def test_make_strategy_gives_flexlora_the_federations_ranks():
+    from fedlora.simulation.config import SimConfig
+    from fedlora.simulation.setup import make_strategy
+
+    cfg = SimConfig(strategy="flexlora", rank_pattern={"o_proj": 0.5})
+    s = make_strategy(cfg, SHAPES, [4, 16, 8])
+    assert s.module_ranks == {NAMES[0]: 16, NAMES[1]: 16, NAMES[2]: 8}
+    ups = updates_for([4, 8], module_ranks={NAMES[2]: 2})
+    s.aggregate(ups)
+    # K per module: the federation's largest rank of the module, capped by the round's total rank
+    assert [s._tensors[f"{n}.S"].shape[0] for n in NAMES] == [12, 12, 4]
+
+
 @settings(max_examples=12, deadline=None)
 @given(ranks=st.lists(st.integers(1, 9), min_size=1, max_size=6), r=st.integers(1, 9),
        d_out=st.integers(10, 30), d_in=st.integers(10, 30), seed=st.integers(0, 10**6))

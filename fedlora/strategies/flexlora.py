@@ -12,10 +12,15 @@ AdapterBank and ``lowrank_svd`` factorises dW without forming it while the
 total rank is below the layer's size (QR of the packed factors + a small SVD).
 
 State: per module the top-K singular triplets (U [d_out, K], S [K], V [d_in, K]),
-K = ``max_rank`` if given, else the module's largest rank among the round's
-accepted clients (never more than its total rank or min(d_out, d_in)). Every client of
-that round gets its exact best rank-r_k approximation from it, and a 7B-shaped
+K = ``max_rank`` if given, else the module's largest rank in the federation (the
+global rank ``init_global(rank=..., module_ranks=...)`` sets: ``make_strategy``
+passes the largest of every client's rank, sampled this round or not) or, above
+it, the largest among the round's accepted clients; never more than the round's
+total rank or min(d_out, d_in). So every client, also one of a larger rank than
+any the round sampled, starts from its exact best rank-r_k approximation of dW
+(FlexLoRA's public code keeps dW whole for the same reason), and a 7B-shaped
 model keeps K (d_out + d_in + 1) numbers per module instead of d_out d_in.
+``max_rank`` caps K (clients above it get the K triplets plus fresh directions).
 ``global_delta(name)`` materialises U S V^T when asked.
 
 Split of the singular values (``sv_split``):
@@ -79,10 +84,10 @@ class FlexLoRA(Strategy):
 
     def _aggregate(self, updates, weights):
         for (d_out, d_in), names in self._groups().items():
-            # Per module: K = max_rank or its largest client rank, never above its total rank.
+            # Per module: K = max_rank, or the largest rank of the federation (or of this round, when
+            # larger), never above the round's total rank.
             totals = {n: sum(u.module_rank(n) for u in updates) for n in names}
-            keep = {n: min(self.max_rank or max(u.module_rank(n) for u in updates), totals[n], d_out, d_in)
-                    for n in names}
+            keep = {n: min(self.max_rank or self._kept_rank(n, updates), totals[n], d_out, d_in) for n in names}
             factors = {n: [u.modules[n][:2] for u in updates] for n in names}
             scalings = {n: [u.scaling(n) for u in updates] for n in names}
             method = self.svd_method
@@ -95,6 +100,10 @@ class FlexLoRA(Strategy):
                 k = keep[name]
                 self._set(name, U[i][:, :k].to(self.dtype).contiguous(), S[i][:k].to(self.dtype).contiguous(),
                           V[i][:, :k].to(self.dtype).contiguous())
+
+    def _kept_rank(self, name, updates) -> int:
+        """K without ``max_rank``: the federation's largest rank of ``name``, or the round's when larger."""
+        return max(self.module_ranks.get(name, 0), *(u.module_rank(name) for u in updates))
 
     def _distribute(self, ranks, alphas, client_id):
         out = {}
