@@ -82,6 +82,20 @@ def test_in_process_run_equals_simulate(run, dataset, tmp_path):
     assert (tmp_path / "flower" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_hetlora_self_pruning_on_flower_equals_simulate(dataset, tmp_path):
+    """Each node keeps its tail norm in its context and prunes as simulate's client would; the server then
+    serves the node its pruned rank."""
+    settings = run_settings(dataset, tmp_path / "flower", "hetlora", rounds=4,
+                            strategy_options={"prune_gamma": 0.5, "prune_lambda": 0.5})
+    wrapper, _ = flower_run(settings)
+    reference = simulated(settings, tmp_path / "sim")
+    assert any("self_pruned" in m for m in reference.metrics)
+    for got, want in zip(wrapper.history, reference.metrics, strict=True):
+        assert got.get("self_pruned") == want.get("self_pruned")
+        assert got["trained_ranks"] == want["trained_ranks"] and got["accepted"] == want["accepted"]
+    assert_same_global(wrapper.strategy, reference.strategy)
+
+
 def test_factors_sent_match_each_nodes_rank(dataset, tmp_path):
     """Node 1 overrides its rank with node_config; every node gets (and trains) factors of its own rank."""
     settings = run_settings(dataset, tmp_path, "flexlora")

@@ -98,12 +98,18 @@ def local_steps(cfg: SimConfig, num_examples: int) -> int:
     return cfg.local_steps
 
 
-def local_plan(cfg: SimConfig, clients, train_A: bool) -> LocalPlan:
-    """The local training of ``clients`` in a round: each its own steps, the run's optimizer and schedule."""
+def local_plan(cfg: SimConfig, clients, train_A: bool, rule: Strategy | None = None,
+               ranks: Sequence[int] = ()) -> LocalPlan:
+    """The local training of ``clients`` in a round: each its own steps, the run's optimizer and schedule,
+    and the rule's local penalty (``rule.local_penalty``) for client k at ``ranks[k]``."""
+    penalty = None
+    if rule is not None and ranks:
+        def penalty(k, factors):
+            return rule.local_penalty(factors, ranks[k])
     return LocalPlan(steps=[local_steps(cfg, c.num_examples) for c in clients], batch_size=cfg.batch_size,
                      lr=cfg.lr, lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, momentum=cfg.momentum, batched=cfg.mode == "batched",
-                     train_A=train_A)
+                     train_A=train_A, penalty=penalty)
 
 
 def client_stream(cfg: SimConfig, round_idx: int, client: ClientDataset) -> ExampleStream:
@@ -111,12 +117,16 @@ def client_stream(cfg: SimConfig, round_idx: int, client: ClientDataset) -> Exam
     return ExampleStream(client.train, stable_seed(cfg.seed, "data", round_idx, client.client_id))
 
 
-def trained_update(cfg: SimConfig, fm: FederatedModel, k: int, client: ClientDataset, start, losses) -> ClientUpdate:
-    """Client k's update after local training from ``start``, with its mean training loss."""
+def trained_update(cfg: SimConfig, fm: FederatedModel, k: int, client: ClientDataset, start, losses,
+                   rule: Strategy | None = None, state: dict | None = None) -> ClientUpdate:
+    """Client k's update after local training from ``start``, with its mean training loss, as the
+    client uploads it: ``rule.prune_update`` may shrink it (HetLoRA's rank self-pruning), reading and
+    updating the client's own ``state`` across rounds."""
     alpha_of = {name: f[2] for name, f in start.items()}
-    return ClientUpdate(client.client_id, client.num_examples, served_rank(start), fm.client_factors(k, alpha_of),
-                        use_rslora=cfg.use_rslora,
-                        metrics={"train_loss": float(np.mean(losses)) if losses else float("nan")})
+    update = ClientUpdate(client.client_id, client.num_examples, served_rank(start), fm.client_factors(k, alpha_of),
+                          use_rslora=cfg.use_rslora,
+                          metrics={"train_loss": float(np.mean(losses)) if losses else float("nan")})
+    return update if rule is None else rule.prune_update(update, state if state is not None else {})
 
 
 # ------------------------------------------------------------------ records
@@ -148,8 +158,15 @@ def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], t
 # -------------------------------------------------------- the in-process round
 def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Strategy,
               sampled: Sequence[ClientDataset], rank_of: Mapping[str, int], pad_id: int,
-              update_hook: UpdateHook | None = None, progress: Callable[[int], None] | None = None) -> dict:
-    """Train ``sampled`` clients of the round in one batched pass, aggregate, return the round record."""
+              update_hook: UpdateHook | None = None, progress: Callable[[int], None] | None = None,
+              client_state: dict[str, dict] | None = None) -> dict:
+    """Train ``sampled`` clients of the round in one batched pass, aggregate, return the round record.
+
+    client_state: each client's own memory across rounds (client id -> JSON-able dict), read and
+    updated by the rule's client-side hooks; the caller keeps it (and checkpoints it).
+    The record's ``self_pruned`` (when any) maps a client to the smaller rank it uploaded and trains at from now on.
+    """
+    client_state = {} if client_state is None else client_state
     ids = [c.client_id for c in sampled]
     ranks = [rank_of[c] for c in ids]
     starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
@@ -157,14 +174,16 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     base = strategy.client_base()
     fm.set_deltas(merge_parts(base) if base else None)
     streams = [client_stream(cfg, round_idx, c) for c in sampled]
-    plan = local_plan(cfg, sampled, train_A="A" in strategy.trainable)
+    plan = local_plan(cfg, sampled, train_A="A" in strategy.trainable, rule=strategy,
+                      ranks=[served_rank(f) for f in starts])
     losses = train_clients(fm, sampled, streams, plan, pad_id, progress=progress)
 
     updates, failed = [], {}
     bytes_up = 0
     bytes_down = sum(factor_bytes(s) for s in starts)
     for k, client in enumerate(sampled):
-        update = trained_update(cfg, fm, k, client, starts[k], losses[k])
+        update = trained_update(cfg, fm, k, client, starts[k], losses[k], strategy,
+                                client_state.setdefault(client.client_id, {}))
         try:
             if update_hook is not None:
                 update = update_hook(update)
@@ -175,5 +194,10 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
         bytes_up += upload_bytes(update, strategy.trainable)
         updates.append(update)
     result = strategy.aggregate(updates, served=served_ranks(ids, starts))
-    return round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,
-                        bytes_up, bytes_down)
+    record = round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,
+                          bytes_up, bytes_down)
+    served = {c: served_rank(f) for c, f in zip(ids, starts)}
+    pruned = {u.client_id: u.rank for u in updates if u.rank != served[u.client_id]}
+    if pruned:
+        record["self_pruned"] = pruned
+    return record

@@ -66,6 +66,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     checkpoints = Checkpoints(out)
     metrics: list[dict] = []
     totals = {"bytes_up": 0, "bytes_down": 0}
+    client_state: dict[str, dict] = {}  # each client's own memory across rounds (the rule's client-side hooks)
     start_round = 0
     if cfg.resume:
         state = checkpoints.load(strategy)
@@ -77,6 +78,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
                 raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
                                  f"(name: (checkpoint, now)): {diff}")
             start_round, metrics, totals = state["next_round"], state["metrics"], state["totals"]
+            client_state = state.get("client_state", {})
+            rank_of.update(state.get("client_ranks", {}))
             log.info("resuming at round %d from %s", start_round, out)
 
     heldout = [ex for c in clients for ex in c.heldout][: cfg.eval_max_examples]
@@ -97,7 +100,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         steps_bar = reporting.progress(None, cfg.progress, desc=f"round {round_idx} local steps",
                                        unit="client-step", leave=False)
         record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
-                           progress=steps_bar.update if steps_bar is not None else None)
+                           progress=steps_bar.update if steps_bar is not None else None, client_state=client_state)
+        rank_of.update(record.get("self_pruned", {}))  # a client that pruned its rank trains at it from now on
         if steps_bar is not None:
             steps_bar.close()
         totals["bytes_up"] += record["bytes_up"]
@@ -110,7 +114,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         metrics.append(record)
         reporting.write_metrics(out / "metrics.jsonl", metrics)
         checkpoints.save(round_idx, strategy, {"next_round": round_idx + 1, "metrics": metrics, "totals": totals,
-                                               "config": cfg.to_dict()})
+                                               "config": cfg.to_dict(), "client_state": client_state,
+                                               "client_ranks": rank_of})
         reporting.summary(record, cfg.progress)
         done_now += 1
         if stop_after is not None and done_now >= stop_after and round_idx + 1 < cfg.rounds:

@@ -75,6 +75,10 @@ class FederatedModel:
             scalings = [lora_scaling(float(f[name][2]), f[name][0].shape[0], self.use_rslora) for f in factors]
             lora.bank = AdapterBank.from_factors(pairs, scalings).to(device=lora.bank.device, dtype=lora.bank.dtype)
 
+    def live_factors(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Client k's (A, B) of every module as views of the trained parameters (gradients flow)."""
+        return {name: lora.bank.factors(k) for name, (_, lora) in self.layers.items()}
+
     def client_factors(self, k: int, alpha_of: Mapping[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         out = {}
         for name, (_, lora) in self.layers.items():
@@ -124,6 +128,8 @@ class LocalPlan:
     momentum: float = 0.0
     batched: bool = True
     train_A: bool = True  # False for FFA-LoRA: A stays at its shared initialisation
+    # penalty(k, {module: (A_k, B_k)}) -> a term client k adds to its loss (the rule's local_penalty), or None
+    penalty: Callable[[int, dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor | None] | None = None
 
 
 class ExampleStream:
@@ -167,7 +173,13 @@ def train_clients(fm: FederatedModel, clients: Sequence[ClientDataset], streams:
             logits = fm.model(input_ids=batch["input_ids"].to(device),
                               attention_mask=batch["attention_mask"].to(device)).logits
         loss = client_losses(logits, batch["labels"].to(device), seg_lens)
-        loss.sum().backward()
+        total = loss.sum()
+        if plan.penalty is not None:  # each client's own regulariser reaches only its own adapter
+            for k in group:
+                term = plan.penalty(k, fm.live_factors(k))
+                if term is not None:
+                    total = total + term
+        total.backward()
         lrs = [scheduled_lr(plan.lr, plan.lr_schedule, step_idx[k], plan.steps[k]) for k in group]
         opt.step(group, lrs)
         opt.zero_grad()

@@ -219,6 +219,11 @@ class Strategy(abc.ABC):
     def _validate(self, update: ClientUpdate, served: Mapping[str, int] | None) -> str | None:
         """Why ``update`` is rejected, or None; whatever the update holds, a reason and never an exception."""
         try:
+            if served:  # a rank the rule lets a client prune to (upload_rank_ok) counts as sent
+                top = max(served.values())
+                rank = update.rank if isinstance(update, ClientUpdate) else None
+                if type(rank) is int and rank != top and self.upload_rank_ok(top, rank):
+                    served = {name: min(r, rank) for name, r in served.items()}
             return (validate_update(update, self.module_shapes, rank_check=self._rank_check,
                                     max_norm=self.max_update_norm, served=served)
                     or self._check_update(update))
@@ -265,6 +270,28 @@ class Strategy(abc.ABC):
         weight) and train their LoRA factors on top.
         """
         return None
+
+    # ------------------------------------------------------- client-side hooks
+    def local_penalty(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                      rank: int) -> torch.Tensor | None:
+        """A differentiable term a client of ``rank`` adds to its training loss, or None (most rules).
+
+        factors: module -> (A [r, d_in], B [d_out, r]), the client's live parameters.
+        """
+        return None
+
+    def prune_update(self, update: ClientUpdate, state: dict) -> ClientUpdate:
+        """The update a client actually uploads after local training (default: as trained).
+
+        ``state`` is the client's own JSON-able memory across rounds (the runtime keeps
+        it per client and checkpoints it); a rule may read and update it in place.
+        A pruned update may have a smaller rank than served (:meth:`upload_rank_ok`).
+        """
+        return update
+
+    def upload_rank_ok(self, served: int, uploaded: int) -> bool:
+        """Whether a client served at rank ``served`` may upload rank ``uploaded`` (default: only equal)."""
+        return uploaded == served
 
     # ------------------------------------------------- the federation's ranks
     def global_rank(self, ranks: Sequence[int]) -> int:

@@ -12,16 +12,23 @@ sparsity weights:
 ``weighting="examples"`` uses p_k = n_k / sum n_j instead. If every product of a
 module is zero the sparsity weights are undefined and the data weights are used.
 
-Clients add :func:`rank_self_pruning_penalty` to their loss and may shrink their
-rank with :func:`self_pruned_rank` (the paper's rank self-pruning).
+Rank self-pruning (the paper's Sec. 3.2), on by default (``self_prune=False``
+turns it off): every client adds :func:`rank_self_pruning_penalty` (lam = ``prune_lambda``,
+gamma = ``prune_gamma``) to its local loss, which pushes the top ranks
+t..r (t = floor(gamma r)) towards zero; after training it compares the tail norm
+||B[:, t:r] A[t:r, :]|| with its previous round's and, when it fell, uploads only
+the first t ranks and trains at rank t from then on (:func:`self_pruned_rank`).
+The runtime keeps each client's previous tail norm and current rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
 import torch
 
+from fedlora.bank import lora_scaling
 from fedlora.federated.update import product_norm
 
 from .base import TruncatedFactors, padded_factor_average
@@ -30,11 +37,48 @@ from .base import TruncatedFactors, padded_factor_average
 class HetLoRA(TruncatedFactors):
     name = "hetlora"
 
-    def __init__(self, *, weighting: str = "sparsity", **kwargs):
+    def __init__(self, *, weighting: str = "sparsity", self_prune: bool = True, prune_gamma: float = 0.99,
+                 prune_lambda: float = 1e-3, **kwargs):
         if weighting not in ("sparsity", "examples"):
             raise ValueError(f"weighting must be 'sparsity' or 'examples', got {weighting!r}")
+        if not isinstance(self_prune, bool):
+            raise ValueError(f"self_prune must be true or false, got {self_prune!r}")
+        if isinstance(prune_gamma, bool) or not isinstance(prune_gamma, (int, float)) or not 0 < prune_gamma < 1:
+            raise ValueError(f"prune_gamma must be in (0, 1), got {prune_gamma!r}")
+        if (isinstance(prune_lambda, bool) or not isinstance(prune_lambda, (int, float))
+                or not math.isfinite(prune_lambda) or prune_lambda < 0):
+            raise ValueError(f"prune_lambda must be a finite number >= 0, got {prune_lambda!r}")
         super().__init__(**kwargs)
         self.weighting = weighting
+        self.self_prune, self.prune_gamma, self.prune_lambda = self_prune, float(prune_gamma), float(prune_lambda)
+
+    # Rank self-pruning on the client (see the module docstring).
+    def local_penalty(self, factors, rank):
+        if not self.self_prune or rank < 2 or self.prune_lambda == 0:
+            return None
+        return rank_self_pruning_penalty(factors, rank, self.prune_gamma, self.prune_lambda)
+
+    def prune_update(self, update, state):
+        if not self.self_prune or update.rank < 2:
+            return update
+        tail = tail_norm({n: m[:2] for n, m in update.modules.items()}, update.rank, self.prune_gamma)
+        new_rank = self_pruned_rank(update.rank, self.prune_gamma, tail, state.get("tail"))
+        state["tail"] = tail
+        if new_rank == update.rank:
+            return update
+        # Every module keeps its first ranks (one already below the new rank stays as it is), with its
+        # alpha rescaled so that its LoRA scaling, and so the kept product s B A, is unchanged.
+        modules = {}
+        for n, (a, b, alpha) in update.modules.items():
+            r, kept = a.shape[0], min(a.shape[0], new_rank)
+            scaling = lora_scaling(alpha, r, update.use_rslora)
+            alpha_kept = scaling * (math.sqrt(kept) if update.use_rslora else kept)
+            modules[n] = (a[:kept].clone(), b[:, :kept].clone(), alpha_kept)
+        state["tail"] = None  # a new rank starts a new comparison
+        return dataclasses.replace(update, rank=new_rank, modules=modules)
+
+    def upload_rank_ok(self, served, uploaded):
+        return uploaded == served or (self.self_prune and served >= 2 and uploaded == _tail_start(served, self.prune_gamma))
 
     def module_weights(self, updates, name: str, data_weights: torch.Tensor) -> torch.Tensor:
         """The aggregation weights of module ``name`` (sum to 1, float64)."""

@@ -21,16 +21,17 @@ import os
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora.data import ClientDataset
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.update import ClientUpdate
 from fedlora.simulation.config import SimConfig
-from fedlora.simulation.round import client_stream, local_plan, trained_update
+from fedlora.simulation.round import client_stream, local_plan, served_rank, trained_update
 from fedlora.simulation.setup import RunSetup, setup_run
 from fedlora.simulation.trainer import train_clients
+from fedlora.strategies import registry
 from fedlora.strategies.base import merge_parts
 
 from .config import load_run_config
@@ -38,6 +39,7 @@ from .wire import NodeProfile, TrainInstruction, decode_train, encode_profile, e
 
 # Called before a node trains (tests use it to make a node fail mid-round).
 TrainHook = Callable[[Context, TrainInstruction], None]
+CLIENT_STATE_KEY = "fedlora.client_state"
 
 
 _LOADED: dict[str, RunSetup] = {}
@@ -66,18 +68,24 @@ def node_client(context: Context, data: RunSetup) -> tuple[int, ClientDataset, i
     return index, data.clients[index], rank
 
 
-def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: TrainInstruction) -> ClientUpdate:
-    """One round of local training of ``client`` from the factors the server sent."""
+def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: TrainInstruction,
+                 state: dict | None = None) -> ClientUpdate:
+    """One round of local training of ``client`` from the factors the server sent.
+
+    state: the client's own memory across rounds (the rule's client-side hooks, e.g. HetLoRA's
+    previous tail norm), read and updated in place; the ClientApp keeps it in the node's context.
+    """
     fm = data.fm
     factors = task.factors
+    rule = registry.create(cfg.strategy, cfg.strategy_options, use_rslora=cfg.use_rslora, seed=cfg.seed)
     fm.load_clients([factors])
     fm.set_deltas(merge_parts(task.global_parts) if task.global_parts else None)
-    plan = local_plan(cfg, [client], train_A=task.train_A)
+    plan = local_plan(cfg, [client], train_A=task.train_A, rule=rule, ranks=[served_rank(factors)])
     stream = client_stream(cfg, task.round, client)
     torch.manual_seed(stable_seed(cfg.seed, "round", task.round))  # dropout, as simulate seeds each round
     losses = train_clients(fm, [client], [stream], plan, data.pad_id)[0]
     fm.set_deltas(None)
-    return trained_update(cfg, fm, 0, client, factors, losses)
+    return trained_update(cfg, fm, 0, client, factors, losses, rule, state)
 
 
 def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | None = None,
@@ -117,6 +125,11 @@ def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | No
                              f"{client.client_id!r}")
         if before_train is not None:
             before_train(context, task)
-        return Message(encode_reply(train_client(run_cfg, data, client, task)), reply_to=message)
+        # The client's memory across rounds lives in the node's context (Flower keeps it for the run).
+        memory = context.state.config_records.get(CLIENT_STATE_KEY)
+        state = json.loads(memory["json"]) if memory is not None else {}
+        reply = encode_reply(train_client(run_cfg, data, client, task, state))
+        context.state.config_records[CLIENT_STATE_KEY] = ConfigRecord({"json": json.dumps(state)})
+        return Message(reply, reply_to=message)
 
     return app

@@ -20,6 +20,7 @@ what ``fedlora simulate`` does per round, over a Flower Grid:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -178,6 +179,7 @@ class FedLoRAStrategy(FlowerStrategy):
             log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
         # validates each update (against the ranks each node was sent); bad ones come back with a reason
         result = self.strategy.aggregate(updates, served=self._served)
+        self._follow_pruned_ranks(updates)
         sent = sorted(self._sent.values(), key=lambda v: v[0].client_index)
         self.totals["bytes_up"] += bytes_up
         self.totals["bytes_down"] += info["bytes_down"]
@@ -185,6 +187,9 @@ class FedLoRAStrategy(FlowerStrategy):
                               [served for _, served in sent], updates, result, rejected, bytes_up,
                               info["bytes_down"])
         rejected, train_loss = record["rejected"], record["train_loss"]
+        pruned = {u.client_id: u.rank for u in updates if u.rank != self._served_of(u.client_id)}
+        if pruned:
+            record["self_pruned"] = pruned
         record.update({
             "available": info["available"],  # clients whose node was connected (simulate samples from them)
             "nodes": {p.client_id: p.node_id for p, _ in sent},
@@ -218,6 +223,18 @@ class FedLoRAStrategy(FlowerStrategy):
     def sample(self, round_idx: int, population: list[NodeProfile]) -> list[NodeProfile]:
         """``fedlora simulate``'s sampling over the available nodes (in client order), seeded by round."""
         return sample(self.cfg, round_idx, population)
+
+    def _served_of(self, client_id: str) -> int:
+        return next(served for p, served in self._sent.values() if p.client_id == client_id)
+
+    def _follow_pruned_ranks(self, updates) -> None:
+        """A node that uploaded a smaller rank than served (HetLoRA's self-pruning) trains at it from now on."""
+        by_client = {p.client_id: node for node, (p, _) in self._sent.items()}
+        for u in updates:
+            node = by_client[u.client_id]
+            profile, served = self._sent[node]
+            if u.rank != served and node in self.profiles:
+                self.profiles[node] = dataclasses.replace(profile, rank=u.rank)
 
     def _discover(self, grid: Grid) -> None:
         """Profile nodes not seen before. Before round 1, wait for the nodes expected (bounded by node_wait_s)."""
