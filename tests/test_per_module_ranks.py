@@ -67,10 +67,10 @@ def test_flora_stacks_mixed_module_ranks_exactly():
 def test_flexlora_keeps_each_module_top_k_and_serves_each_module_rank(svd_method):
     ranks = [2, 8, 5]
     s = FlexLoRA(svd_method=svd_method, dtype=torch.float64)
-    s.init_global(SHAPES, rank=8)
+    keep = _global_ranks(ranks)  # q 8, v 4, o 2: q and v share one batched SVD at K = 8
+    s.init_global(SHAPES, rank=8, module_ranks=keep)  # each module's largest rank, as make_strategy gives
     ups = _updates(ranks, dtype=torch.float64)
     s.aggregate(ups)
-    keep = _global_ranks(ranks)  # q 8, v 4, o 2: q and v share one batched SVD at K = 8
     tol = 1e-10 if svd_method == "exact" else 1e-6  # randomized: exact here (K + oversample >= total rank)
     for n in SHAPES:
         dW = weighted_delta64(ups, n)
