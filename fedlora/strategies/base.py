@@ -47,6 +47,8 @@ from fedlora.federated.update import FORMAT_VERSION, ClientUpdate, atomic_write,
 from fedlora.federated.strict import strict_float, strict_int
 from fedlora.federated.validation import norm_outliers, validate_update
 
+from . import server_opt as server_opts
+
 log = logging.getLogger("fedlora.strategies")
 
 _STATE_KEY = "fedlora.state"
@@ -77,6 +79,11 @@ class Strategy(abc.ABC):
         many times the round's (lower) median; 0 or None turns the bound off
         (fedlora.federated.validation.norm_outliers).
     dp: client-level differential privacy (see fedlora.federated.privacy); None = off.
+    server_opt: "none" | "avgm" | "adam" | "yogi" | "adagrad", a server optimizer on the rule's
+        global update with ``server_lr``, ``server_momentum`` (avgm), ``beta1``, ``beta2``, ``tau``
+        (adaptive); see :mod:`fedlora.strategies.server_opt` for the formulas and what the
+        pseudo-gradient is for each ``server_opt_space``. A rule whose ``server_opt_space`` is None
+        refuses any but "none".
 
     A round never ends the run: an update that fails validation is rejected with a
     reason, and a round whose aggregation raises an arithmetic or linear-algebra error
@@ -86,11 +93,15 @@ class Strategy(abc.ABC):
 
     name = "strategy"
     trainable: tuple[str, ...] = ("A", "B")  # which factors clients train (and DP noises)
+    # Where a server optimizer acts: "factors" (the global factors, _server_params), "delta" (the
+    # global weight update as parts, _pseudo_gradient/_apply_step), or None (the rule admits none).
+    server_opt_space: str | None = None
 
     def __init__(self, *, min_updates: int = 1, max_update_norm: float | None = None,
                  max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO, dp: DPConfig | None = None,
-                 use_rslora: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 server_opt: str = "none", server_lr: float = 1.0, server_momentum: float = 0.9,
+                 beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, use_rslora: bool = False,
+                 seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         strict_int(min_updates, "min_updates", low=1)
         if max_update_norm is not None:
             strict_float(max_update_norm, "max_update_norm", low=0.0, low_open=True)
@@ -100,6 +111,9 @@ class Strategy(abc.ABC):
                 raise ValueError(f"max_norm_ratio must be 0 (off) or >= 1, got {max_norm_ratio}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the global state is kept in float32 or float64, got {dtype}")
+        type(self).check_server_opt(server_opt)
+        self.server_optimizer = server_opts.ServerOptimizer.create(
+            server_opt, server_lr=server_lr, server_momentum=server_momentum, beta1=beta1, beta2=beta2, tau=tau)
         self.min_updates = min_updates
         self.max_update_norm = max_update_norm
         self.max_norm_ratio = max_norm_ratio or None
@@ -238,7 +252,7 @@ class Strategy(abc.ABC):
         """
         before, extra = dict(self._tensors), self._extra_meta()
         try:
-            self._aggregate(updates, weights)
+            self._aggregate_round(updates, weights)
             bad = next((k for k, t in self._tensors.items() if not torch.isfinite(t).all()), None)
             failure = None if bad is None else f"aggregation made {bad} non-finite"
         except (ArithmeticError, RuntimeError, ValueError) as exc:  # LinAlgError is a RuntimeError
@@ -247,6 +261,31 @@ class Strategy(abc.ABC):
             self._tensors = before
             self._load_extra_meta(extra)
         return failure
+
+    def _aggregate_round(self, updates: Sequence[ClientUpdate], weights: torch.Tensor) -> None:
+        """The rule's aggregate, or with a server optimizer x_{t-1} + its step on x~_t - x_{t-1}."""
+        opt = self.server_optimizer
+        if opt is None:
+            self._aggregate(updates, weights)
+        elif self.server_opt_space == "factors":
+            before = {key: self._tensors[key] for key in self._server_params()}
+            self._aggregate(updates, weights)
+            steps = opt.step({key: self._tensors[key] - x for key, x in before.items()}, self._tensors)
+            for key, x in before.items():
+                self._tensors[key] = x + steps[key]
+        else:
+            self._apply_step(opt.delta_step(self._pseudo_gradient(updates, weights), self._tensors,
+                                            self.module_shapes), updates)
+
+    @classmethod
+    def check_server_opt(cls, server_opt: str) -> None:
+        """Raise ValueError when this rule does not admit server optimizer ``server_opt``."""
+        server_opts.check(server_opt)
+        if server_opt != "none" and cls.server_opt_space is None:
+            admit = ", ".join(cls_.name for cls_ in _rules_admitting()) or "none"
+            raise ValueError(f"{cls.name} does not admit a server optimizer (server_opt={server_opt!r}): its "
+                             f"round has no pseudo-gradient x~_t - x_(t-1) it could step along; rules that "
+                             f"do: {admit}")
 
     def global_delta(self, name: str) -> torch.Tensor:
         """The global model's effective weight update of module ``name``, dense [d_out, d_in] (scaling folded in).
@@ -313,6 +352,7 @@ class Strategy(abc.ABC):
             "dtype": str(self.dtype).removeprefix("torch."),
             "module_shapes": {n: list(s) for n, s in self.module_shapes.items()},
             "extra": self._extra_meta(),
+            "server_opt": self._server_opt_meta(),
         }
         return {"meta": meta, "tensors": {k: v.detach().clone() for k, v in self._tensors.items()}}
 
@@ -335,6 +375,12 @@ class Strategy(abc.ABC):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state has dtype {meta.get('dtype')!r}; expected float32 or float64")
         self.dtype = dtype
+        saved_opt = meta.get("server_opt") or {"server_opt": "none"}  # the state's optimizer, as its seed
+        if not isinstance(saved_opt, dict):
+            raise ValueError(f"state has server_opt {saved_opt!r}; expected a mapping of its settings")
+        saved_opt = dict(saved_opt)
+        type(self).check_server_opt(saved_opt.get("server_opt"))
+        self.server_optimizer = server_opts.ServerOptimizer.create(saved_opt.pop("server_opt"), **saved_opt)
         self._tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self._load_extra_meta(meta.get("extra", {}))
 
@@ -371,6 +417,19 @@ class Strategy(abc.ABC):
         """The rank module ``name`` of a client asking for ``rank`` actually trains at (raise if none)."""
         return rank
 
+    def _server_params(self) -> list[str]:
+        """server_opt_space "factors": the keys of ``self._tensors`` this round's aggregate moves (the
+        parameters x of the server optimizer), asked before ``_aggregate``."""
+        raise NotImplementedError(f"{type(self).__name__} has server_opt_space 'factors' but no _server_params")
+
+    def _pseudo_gradient(self, updates: Sequence[ClientUpdate], weights: torch.Tensor) -> dict:
+        """server_opt_space "delta": x~_t - x_{t-1} in weight space, module -> parts (dense or None, A, B)."""
+        raise NotImplementedError(f"{type(self).__name__} has server_opt_space 'delta' but no _pseudo_gradient")
+
+    def _apply_step(self, steps: Mapping[str, tuple], updates: Sequence[ClientUpdate]) -> None:
+        """server_opt_space "delta": make the global x_{t-1} + step (module -> parts), as the rule keeps it."""
+        raise NotImplementedError(f"{type(self).__name__} has server_opt_space 'delta' but no _apply_step")
+
     def _rank_check(self, rank: int, name: str) -> str | None:
         """Why an update's module ``name`` of rank ``rank`` is unacceptable, or None."""
         return None
@@ -380,6 +439,9 @@ class Strategy(abc.ABC):
 
     def _extra_meta(self) -> dict:
         return {}
+
+    def _server_opt_meta(self) -> dict | None:
+        return None if self.server_optimizer is None else self.server_optimizer.settings()
 
     def _load_extra_meta(self, extra: Mapping) -> None:
         pass
@@ -431,7 +493,11 @@ class TruncatedFactors(Strategy):
     """Global factors (A_g [R, d_in], B_g [d_out, R]) per module with product B_g A_g
     (scale-free); a rank-r client starts from A_g[:r] and B_g[:, :r]. R is
     ``init_global(rank=R)`` (per module: ``module_ranks``); A_g starts seeded, B_g
-    at zero (PEFT's init)."""
+    at zero (PEFT's init). A server optimizer acts on the factors the clients train
+    (``trainable``): x = (A_g, B_g), the pseudo-gradient the change the rule's
+    average makes to them."""
+
+    server_opt_space = "factors"
 
     def _init_state(self) -> None:
         if self.rank is None:
@@ -454,6 +520,9 @@ class TruncatedFactors(Strategy):
             raise ValueError(f"{type(self).__name__}'s global rank of {name} is {limit}; a client cannot train it "
                              f"at rank {rank}")
         return rank
+
+    def _server_params(self) -> list[str]:
+        return [f"{name}.{factor}" for name in self.module_shapes for factor in self.trainable]
 
     def _distribute(self, ranks, alphas, client_id):
         out = {}
@@ -480,6 +549,16 @@ def padded_factor_average(updates: Sequence[ClientUpdate], name: str, weights: S
             A[:r].add_(a, alpha=float(w))
         B[:, :r].add_(b, alpha=float(w) * u.scaling(name))
     return A, B
+
+
+def _rules_admitting(cls: type = Strategy) -> list[type]:
+    """Named rules (subclasses of ``cls`` at any depth) whose server_opt_space is set."""
+    out = []
+    for sub in cls.__subclasses__():
+        if sub.server_opt_space is not None and sub.name != Strategy.name:
+            out.append(sub)
+        out += [r for r in _rules_admitting(sub) if r not in out]
+    return out
 
 
 def _first_line(exc: BaseException, limit: int = 400) -> str:

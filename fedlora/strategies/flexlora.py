@@ -34,6 +34,12 @@ the round's total rank is below min(d_out, d_in) and "dense" otherwise, so the
 client factors are the best approximation to fp32 rounding; "auto" or
 "randomized" trade that for speed (a seeded randomized SVD when R is large).
 Before the first aggregation dW = 0 and clients get fresh LoRA (seeded A, B = 0).
+
+Server optimizers (``server_opt``, :mod:`fedlora.strategies.server_opt`) act in weight space:
+the pseudo-gradient is  dW_t - U S V^T  (this round's weighted sum minus the kept top-K), held
+as stacked factors of rank R_t + K, and the new state is the top-K SVD of U S V^T + the step
+(K as above): factored while the stack's rank is below min(d_out, d_in), from the dense matrix
+when the step has a dense part (adam, yogi, adagrad) or the stack is larger.
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ _SVD_METHODS = ("exact", "auto", "factored", "randomized", "dense")  # the last 
 
 class FlexLoRA(Strategy):
     name = "flexlora"
+    server_opt_space = "delta"
 
     def __init__(self, *, max_rank: int | None = None, sv_split: str = "sqrt", svd_method: str = "exact",
                  **kwargs):
@@ -100,6 +107,37 @@ class FlexLoRA(Strategy):
                 k = keep[name]
                 self._set(name, U[i][:, :k].to(self.dtype).contiguous(), S[i][:k].to(self.dtype).contiguous(),
                           V[i][:, :k].to(self.dtype).contiguous())
+
+    def _pseudo_gradient(self, updates, weights):
+        """dW_t - U S V^T per module as stacked factors (None, A [R_t + K, d_in], B [d_out, R_t + K])."""
+        w = weights.tolist()
+        out = {}
+        for name in self.module_shapes:
+            U, S, V = (self._tensors[f"{name}.{key}"] for key in "USV")
+            A = torch.cat([u.modules[name][0] for u in updates] + [V.T], dim=0)
+            B = torch.cat([u.modules[name][1] * (wk * u.scaling(name)) for u, wk in zip(updates, w)] + [-(U * S)],
+                          dim=1)
+            out[name] = (None, A, B)
+        return out
+
+    def _apply_step(self, steps, updates):
+        """U S V^T <- the top-K SVD of U S V^T + step."""
+        for name, (dense, A, B) in steps.items():
+            d_out, d_in = self.module_shapes[name]
+            U, S, V = (self._tensors[f"{name}.{key}"] for key in "USV")
+            A, B = torch.cat([V.T, A], dim=0), torch.cat([U * S, B], dim=1)
+            total = A.shape[0] if dense is None else min(d_out, d_in)
+            k = min(self.max_rank or self._kept_rank(name, updates), total, d_out, d_in)
+            method = self.svd_method
+            if dense is None:
+                if method == "exact":
+                    method = "factored" if total < min(d_out, d_in) else "dense"
+                U, S, V = (t[0] for t in robust_svd({name: [(A, B)]}, {name: [1.0]}, [1.0], k, method, self.dtype))
+            else:  # an elementwise (adaptive) step is dense: the SVD of the whole matrix
+                method = "dense" if method in ("exact", "factored") else method
+                U, S, V = ops.lowrank_svd(dense + B @ A, rank=k, method=method)
+            self._set(name, U.to(self.dtype).contiguous(), S.to(self.dtype).contiguous(),
+                      V.to(self.dtype).contiguous())
 
     def _kept_rank(self, name, updates) -> int:
         """K without ``max_rank``: the federation's largest rank of ``name``, or the round's when larger."""

@@ -19,6 +19,12 @@ not allocated until then). The last
 round's stacked factors are kept too (``round_factors``): that is what the
 paper broadcasts, for clients that add it to their own copy of the model.
 
+Server optimizers (``server_opt``, :mod:`fedlora.strategies.server_opt`) act on D in weight
+space: the pseudo-gradient is the round's stacked product dW_t (clients start from zero LoRA
+on top of D, so the aggregate is exactly the change) and D_t = D_{t-1} + the step, appended to
+the stack as factors (avgm) or added to ``dense`` (adam, yogi, adagrad: an elementwise step is
+dense). ``round_factors`` then holds the factored part of the round's step.
+
 ``global_delta(name)`` / ``global_deltas()`` give D; fold it beside the base
 with :func:`fedlora.layers.fold_deltas`. A client on another machine needs
 only ``client_base()`` (the stack while it is smaller than a dense matrix)
@@ -33,6 +39,7 @@ from .base import Strategy, merge_parts, stack_products
 
 class FLoRA(Strategy):
     name = "flora"
+    server_opt_space = "delta"
 
     def _init_state(self) -> None:
         for name, (d_out, d_in) in self.module_shapes.items():
@@ -46,12 +53,23 @@ class FLoRA(Strategy):
         return {n: (self._fresh_A(n, r, self.round, client_id), self._zeros_B(n, r)) for n, r in ranks.items()}
 
     def _aggregate(self, updates, weights):
+        self._apply_step(self._pseudo_gradient(updates, weights), updates)
+
+    def _pseudo_gradient(self, updates, weights):
+        """The round's stacked product  sum_k p_k s_k B_k A_k  per module, as (None, A_stack, B_stack)."""
         w = weights.tolist()
+        return {name: (None, torch.cat([u.modules[name][0] for u in updates], dim=0),
+                       torch.cat([u.modules[name][1] * (wk * u.scaling(name)) for u, wk in zip(updates, w)], dim=1))
+                for name in self.module_shapes}
+
+    def _apply_step(self, steps, updates):
+        """D += step: its factors appended to the stack, its dense part (if any) added into ``dense``."""
         full = []  # stacks that outgrew a dense matrix: added into `dense`, batched per shape
         for name, (d_out, d_in) in self.module_shapes.items():
-            round_A = torch.cat([u.modules[name][0] for u in updates], dim=0)
-            round_B = torch.cat([u.modules[name][1] * (wk * u.scaling(name)) for u, wk in zip(updates, w)], dim=1)
+            step_dense, round_A, round_B = steps[name]
             self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"] = round_A, round_B
+            if step_dense is not None:
+                self._tensors[f"{name}.dense"] = self._dense(name) + step_dense.to(self.dtype)
             A = torch.cat([self._tensors[f"{name}.A"], round_A], dim=0)
             B = torch.cat([self._tensors[f"{name}.B"], round_B], dim=1)
             if A.shape[0] * (d_out + d_in) > d_out * d_in:
@@ -78,7 +96,8 @@ class FLoRA(Strategy):
                     self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in self.module_shapes}
 
     def round_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round."""
+        """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round (with a
+        server optimizer: the factored part of the round's step)."""
         self._require_init()
         return self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"]
 

@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from . import server_opt
 from .base import Strategy
 from .fedavg import FedAvg
 from .ffalora import FFALoRA
@@ -49,12 +50,16 @@ def lookup(name: str) -> type[Strategy]:
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Raise ValueError naming an option that strategy ``name`` does not take."""
+    """Raise ValueError naming an option that strategy ``name`` does not take, or a server optimizer
+    (``server_opt`` and its settings) that is malformed or that the rule does not admit."""
     allowed = options_of(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"strategy_options {unknown} are not options of {name}; it takes: "
                          + (", ".join(f"{k} (default {p.default!r})" for k, p in allowed.items()) or "none"))
+    kind = options.get("server_opt", "none")
+    lookup(name).check_server_opt(kind)
+    server_opt.check(kind, **{k: options[k] for k in server_opt.DEFAULTS if k in options})
 
 
 def create(name: str, options: Mapping[str, Any] | None = None, **run_settings) -> Strategy:
