@@ -64,3 +64,25 @@ def client_product(factors, name, rank, use_rslora=False) -> torch.Tensor:
 def rel(out, ref) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def trained_updates(strategy, ranks, trained=("A", "B"), *, seed: int = 0, dtype=torch.float32,
+                    client_ids=None, num_examples=None) -> list[ClientUpdate]:
+    """What clients send after a round: each starts from ``strategy.distribute`` at its rank (alpha 2 r)
+    and moves the factors in ``trained`` by fresh Gaussian steps (B ~ 1/sqrt(r), A ~ 1/sqrt(d_in));
+    the other factor comes back as it was sent."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = client_ids or [f"c{i}" for i in range(len(ranks))]
+    sizes = num_examples or [3 + 7 * i for i in range(len(ranks))]
+    out = []
+    for cid, r, n in zip(ids, ranks, sizes):
+        mods = {}
+        for name, (a, b, alpha) in strategy.distribute(r, cid, alpha=2.0 * r).items():
+            a, b = a.double(), b.double()
+            if "A" in trained:
+                a = a + torch.randn(a.shape, generator=gen, dtype=torch.float64) / a.shape[1] ** 0.5
+            if "B" in trained:
+                b = b + torch.randn(b.shape, generator=gen, dtype=torch.float64) / r**0.5
+            mods[name] = (a.to(dtype), b.to(dtype), alpha)
+        out.append(ClientUpdate(cid, n, r, mods))
+    return out

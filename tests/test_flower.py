@@ -59,7 +59,7 @@ def flower_run(settings: dict, grid_kw: dict | None = None, before_train=None):
     return run_server(grid, cfg, FAST), grid
 
 
-RUNS = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {},
+RUNS = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {}, "rolora": {},
         "fedavg": {"strategy_options": {"heterogeneous": "bucket"}},
         "flora-nf4": {"quantization": "nf4"}}  # FLoRA's global update beside a 4-bit base on every node
 
@@ -233,6 +233,18 @@ def test_bytes_accounting(dataset, tmp_path):
     (record,) = ffa.history
     B_bytes = sum(tensor_bytes(torch.empty(d_out, r)) for r in (4, 8, 16) for d_out, _ in shapes.values())
     assert record["bytes_up"] == B_bytes < record["bytes_down"]  # FFA-LoRA's A is frozen and never uploaded
+
+
+def test_rolora_nodes_train_and_send_the_rounds_factor_only(dataset, tmp_path):
+    wrapper, grid = flower_run(run_settings(dataset, tmp_path, "rolora"))
+    shapes = wrapper.strategy.module_shapes
+    train = [decode_train(m.content) for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert [(t.round, t.train_A, t.train_B) for t in train] == [(0, False, True)] * 3 + [(1, True, False)] * 3
+    B_bytes = sum(tensor_bytes(torch.empty(d_out, r)) for r in (4, 8, 16) for d_out, _ in shapes.values())
+    A_bytes = sum(tensor_bytes(torch.empty(r, d_in)) for r in (4, 8, 16) for _, d_in in shapes.values())
+    first, second = wrapper.history
+    assert (first["bytes_up"], second["bytes_up"]) == (B_bytes, A_bytes)
+    assert first["accepted"] == second["accepted"] == ["user0", "user1", "user2"]  # frozen factors came back intact
 
 
 # --------------------------------------------------------- config, example, CLI

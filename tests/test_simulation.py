@@ -117,6 +117,7 @@ STRATEGY_ARGS = {
     "hetlora": [],
     "flexlora": ["--export_rank", "4"],
     "flora": ["--export_rank", "4"],  # its delta has rank up to the sum of the round's ranks: truncation matters
+    "rolora": [],
 }
 
 

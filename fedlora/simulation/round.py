@@ -85,10 +85,11 @@ def base_bytes(parts) -> int:
     return tensor_bytes(t for part in (parts or {}).values() for t in part)
 
 
-def upload_bytes(update: ClientUpdate, trainable) -> int:
-    """What a client uploads: the factors it trains (FFA-LoRA's A is frozen and re-derived from the seed)."""
+def upload_bytes(update: ClientUpdate, uploaded) -> int:
+    """What a client uploads: the factors the rule takes back this round (``strategy.uploaded_at``); a frozen
+    factor (FFA-LoRA's A, RoLoRA's of the round) is the server's own and not counted."""
     return tensor_bytes(t for a, b, _ in update.modules.values()
-                        for key, t in (("A", a), ("B", b)) if key in trainable)
+                        for key, t in (("A", a), ("B", b)) if key in uploaded)
 
 
 # ------------------------------------------------------------- local training
@@ -98,10 +99,13 @@ def local_steps(cfg: SimConfig, num_examples: int) -> int:
     return cfg.local_steps
 
 
-def local_plan(cfg: SimConfig, clients, train_A: bool, rule: Strategy | None = None,
+def local_plan(cfg: SimConfig, clients, train_A: bool, train_B: bool = True, rule: Strategy | None = None,
                ranks: Sequence[int] = ()) -> LocalPlan:
     """The local training of ``clients`` in a round: each its own steps, the run's optimizer and schedule,
-    and the rule's local penalty (``rule.local_penalty``) for client k at ``ranks[k]``."""
+    the factors the rule trains this round (``strategy.trainable_at``) and the rule's local penalty
+    (``rule.local_penalty``) for client k at ``ranks[k]``."""
+    if not (train_A or train_B):
+        raise ValueError("a round must train A, B or both")
     penalty = None
     if rule is not None and ranks:
         def penalty(k, factors):
@@ -109,7 +113,7 @@ def local_plan(cfg: SimConfig, clients, train_A: bool, rule: Strategy | None = N
     return LocalPlan(steps=[local_steps(cfg, c.num_examples) for c in clients], batch_size=cfg.batch_size,
                      lr=cfg.lr, lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, momentum=cfg.momentum, batched=cfg.mode == "batched",
-                     train_A=train_A, penalty=penalty)
+                     train_A=train_A, train_B=train_B, penalty=penalty)
 
 
 def client_stream(cfg: SimConfig, round_idx: int, client: ClientDataset) -> ExampleStream:
@@ -174,7 +178,8 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     base = strategy.client_base()
     fm.set_deltas(merge_parts(base) if base else None)
     streams = [client_stream(cfg, round_idx, c) for c in sampled]
-    plan = local_plan(cfg, sampled, train_A="A" in strategy.trainable, rule=strategy,
+    trainable = strategy.trainable_at(round_idx)
+    plan = local_plan(cfg, sampled, train_A="A" in trainable, train_B="B" in trainable, rule=strategy,
                       ranks=[served_rank(f) for f in starts])
     losses = train_clients(fm, sampled, streams, plan, pad_id, progress=progress)
 
@@ -191,7 +196,7 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
             failed[client.client_id] = f"client crashed: {type(exc).__name__}: {exc}"
             log.warning("round %d: %s", round_idx, failed[client.client_id])
             continue
-        bytes_up += upload_bytes(update, strategy.trainable)
+        bytes_up += upload_bytes(update, strategy.uploaded_at(round_idx))
         updates.append(update)
     result = strategy.aggregate(updates, served=served_ranks(ids, starts))
     record = round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,

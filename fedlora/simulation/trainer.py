@@ -130,6 +130,7 @@ class LocalPlan:
     train_A: bool = True  # False for FFA-LoRA: A stays at its shared initialisation
     # penalty(k, {module: (A_k, B_k)}) -> a term client k adds to its loss (the rule's local_penalty), or None
     penalty: Callable[[int, dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor | None] | None = None
+    train_B: bool = True  # False in RoLoRA's A-rounds: B stays as the server sent it
 
 
 class ExampleStream:
@@ -160,7 +161,7 @@ def train_clients(fm: FederatedModel, clients: Sequence[ClientDataset], streams:
     fm.model.train()
     opt = PerClientOptimizer(fm.banks(), plan.optimizer, weight_decay=plan.weight_decay, momentum=plan.momentum)
     for bank in fm.banks():
-        bank.B.requires_grad_(True)
+        bank.B.requires_grad_(plan.train_B)
         bank.A.requires_grad_(plan.train_A)
     losses: list[list[float]] = [[] for _ in clients]
     device = fm.device

@@ -6,6 +6,7 @@ from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_norm
+from .rolora import RoLoRA
 
-__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FlexLoRA", "HetLoRA", "Strategy",
+__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FlexLoRA", "HetLoRA", "RoLoRA", "Strategy",
            "rank_self_pruning_penalty", "registry", "self_pruned_rank", "tail_norm"]

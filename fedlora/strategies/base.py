@@ -20,7 +20,9 @@ tensors in ``self._tensors`` (saved and loaded for it), implements ``_init_state
 ``_aggregate`` and ``_distribute`` (abstract) and ``global_delta``, and overrides the hooks that
 differ from the defaults: ``global_rank``/``check_client_ranks`` (how a federation's
 ranks map to the global rank), ``client_base`` (a delta clients fold beside their
-frozen base), ``_served_rank``/``_rank_check``/``_check_update``. Code outside
+frozen base), ``trainable_at``/``uploaded_at`` (the factors clients train and send back
+in a round: RoLoRA alternates), ``personal`` (factors each client keeps across rounds),
+``_served_rank``/``_rank_check``/``_check_update``. Code outside
 ``fedlora.strategies`` talks to rules only through these public methods, never
 through a type check on a concrete rule; :mod:`fedlora.strategies.registry` maps
 names to classes.
@@ -92,7 +94,8 @@ class Strategy(abc.ABC):
     """
 
     name = "strategy"
-    trainable: tuple[str, ...] = ("A", "B")  # which factors clients train (and DP noises)
+    trainable: tuple[str, ...] = ("A", "B")  # which factors clients train (every round unless trainable_at says)
+    personal: tuple[str, ...] = ()  # factors each client keeps to itself across rounds (FedSA-LoRA: B)
     # Where a server optimizer acts: "factors" (the global factors, _server_params), "delta" (the
     # global weight update as parts, _pseudo_gradient/_apply_step), or None (the rule admits none).
     server_opt_space: str | None = None
@@ -332,6 +335,18 @@ class Strategy(abc.ABC):
         """Whether a client served at rank ``served`` may upload rank ``uploaded`` (default: only equal)."""
         return uploaded == served
 
+    # --------------------------------------------- what clients train and send
+    def trainable_at(self, round_idx: int) -> tuple[str, ...]:
+        """The factors clients train in round ``round_idx`` ("A", "B" or both): ``trainable`` unless a
+        rule alternates (RoLoRA). The runtime freezes the others, DP noises only what is sent."""
+        return self.trainable
+
+    def uploaded_at(self, round_idx: int) -> tuple[str, ...]:
+        """The factors a client sends back in round ``round_idx``: what it trains, less its personal
+        factors. Byte accounting counts these; a personal factor not listed here never leaves the client
+        (the runtime zeroes it in the update)."""
+        return tuple(f for f in self.trainable_at(round_idx) if f not in self.personal)
+
     # ------------------------------------------------- the federation's ranks
     def global_rank(self, ranks: Sequence[int]) -> int:
         """The global rank of a module whose clients train at ``ranks``: their largest by default."""
@@ -471,7 +486,7 @@ class Strategy(abc.ABC):
         start = self.distribute(u.rank, u.client_id, alpha={n: m[2] for n, m in u.modules.items()},
                                 module_ranks=u.module_ranks())
         reference = {n: f[:2] for n, f in start.items()}
-        return privatize(u, reference, self.dp, round_idx=self.round, trainable=self.trainable)
+        return privatize(u, reference, self.dp, round_idx=self.round, trainable=self.uploaded_at(self.round))
 
     def _fresh_A(self, name: str, rank: int, *tag) -> torch.Tensor:
         """Seeded PEFT-style lora_A for ``name``; the same for every party given the same tag."""
@@ -530,6 +545,19 @@ class TruncatedFactors(Strategy):
             s = self._scaling(alphas[n], r)
             out[n] = (self._tensors[f"{n}.A"][:r].clone(), self._tensors[f"{n}.B"][:, :r] / s)
         return out
+
+
+# A factor a client keeps frozen comes back through its model's dtype (bf16 on a GPU): bf16 keeps 8
+# significant bits, so rounding to nearest moves a value by at most 2^-8 of its magnitude.
+FROZEN_RTOL = 2.0 ** -8
+
+
+def frozen_changed(sent: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a factor a client was to keep frozen moved by more than 16-bit rounding of its value."""
+    if sent.shape != expected.shape:
+        return True
+    expected = expected.to(device=sent.device, dtype=torch.float64)
+    return bool(((sent.double() - expected).abs() > FROZEN_RTOL * expected.abs()).any())
 
 
 def padded_factor_average(updates: Sequence[ClientUpdate], name: str, weights: Sequence[float], rank: int,

@@ -9,13 +9,11 @@ weighted average of the clients' products:  B_g A_0 = sum_k p_k s_k B_k A_0[:r_k
 Heterogeneous ranks: A_0 has the global rank R (``init_global(rank=R)``, the
 largest client rank); a rank-r client gets A_0[:r] and B_g[:, :r] (truncation,
 exact only when r = R), and its B is zero-padded to R on the way back.
-Updates whose A differs from A_0[:r] are rejected.
+Updates whose A differs from A_0[:r] (beyond the rounding of a 16-bit model copy) are rejected.
 """
 from __future__ import annotations
 
-import torch
-
-from .base import TruncatedFactors, padded_factor_average
+from .base import TruncatedFactors, frozen_changed, padded_factor_average
 
 
 class FFALoRA(TruncatedFactors):
@@ -24,8 +22,7 @@ class FFALoRA(TruncatedFactors):
 
     def _check_update(self, update) -> str | None:
         for name, (a, _, _) in update.modules.items():
-            frozen = self._tensors[f"{name}.A"][: a.shape[0]]
-            if not torch.equal(a, frozen.to(device=a.device, dtype=a.dtype)):
+            if frozen_changed(a, self._tensors[f"{name}.A"][: a.shape[0]]):
                 return f"{name}: A differs from the frozen shared A (FFA-LoRA trains B only)"
         return None
 

@@ -80,7 +80,8 @@ def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: Tr
     rule = registry.create(cfg.strategy, cfg.strategy_options, use_rslora=cfg.use_rslora, seed=cfg.seed)
     fm.load_clients([factors])
     fm.set_deltas(merge_parts(task.global_parts) if task.global_parts else None)
-    plan = local_plan(cfg, [client], train_A=task.train_A, rule=rule, ranks=[served_rank(factors)])
+    plan = local_plan(cfg, [client], train_A=task.train_A, train_B=task.train_B, rule=rule,
+                      ranks=[served_rank(factors)])
     stream = client_stream(cfg, task.round, client)
     torch.manual_seed(stable_seed(cfg.seed, "round", task.round))  # dropout, as simulate seeds each round
     losses = train_clients(fm, [client], [stream], plan, data.pad_id)[0]

@@ -117,6 +117,7 @@ class FedLoRAStrategy(FlowerStrategy):
         parts = strategy.client_base() or {}
         deltas = global_arrays(parts) if parts else None
         delta_bytes = base_bytes(parts)
+        trainable = strategy.trainable_at(round_idx)
         messages, self._sent, self._served, not_started = [], {}, {}, {}
         bytes_down = payload_down = 0
         for profile in picked:
@@ -126,7 +127,7 @@ class FedLoRAStrategy(FlowerStrategy):
                 not_started[profile.client_id] = f"not started: {exc}"
                 continue
             content = encode_train(round_idx, server_round, profile.client_id, factors, deltas,
-                                   "A" in strategy.trainable)
+                                   "A" in trainable, train_B="B" in trainable)
             messages.append(Message(content, dst_node_id=profile.node_id, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
@@ -173,7 +174,7 @@ class FedLoRAStrategy(FlowerStrategy):
                 if update.client_id != cid:
                     rejected[cid] = f"node {node_id} holds client {cid!r} but sent an update of {update.client_id!r}"
                     continue
-                bytes_up += upload_bytes(update, self.strategy.trainable)
+                bytes_up += upload_bytes(update, self.strategy.uploaded_at(info["round"]))
                 updates.append(update)
         for cid, reason in missing.items():
             log.warning("round %d: client %s missing: %s", info["round"], cid, reason)

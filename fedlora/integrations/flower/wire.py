@@ -11,7 +11,7 @@ Three exchanges, each one Flower ``Message`` with a ``RecordDict``:
   update (FLoRA) also its parts: ``{module}.global_A`` [R, d_in] and
   ``{module}.global_B`` [d_out, R], the stacked factors, and ``{module}.global_dense``
   [d_out, d_in] once a module's stack has been folded into a dense matrix) and the round (``fedlora.round`` ConfigRecord: round index, client
-  id, per-module alphas as JSON, whether A trains).
+  id, per-module alphas as JSON, whether A and B train).
 * reply: the node's :class:`~fedlora.federated.update.ClientUpdate` as its
   safetensors blob, one ``Array`` of stype ``fedlora.update`` in the
   ``fedlora.update`` ArrayRecord (Flower chunks big arrays for transport), and a
@@ -71,6 +71,7 @@ class TrainInstruction:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     global_parts: dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None  # FLoRA.global_parts
     train_A: bool
+    train_B: bool = True
 
 
 # ------------------------------------------------------------------ profile
@@ -135,10 +136,11 @@ def global_arrays(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, t
 
 def encode_train(round_idx: int, server_round: int, client_id: str,
                  factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                 deltas: Mapping[str, Array] | None, train_A: bool) -> RecordDict:
+                 deltas: Mapping[str, Array] | None, train_A: bool, *, train_B: bool = True) -> RecordDict:
     arrays = ArrayRecord({**start_arrays(factors), **(deltas or {})})
     return RecordDict({START: arrays, ROUND: ConfigRecord({
         "round": round_idx, "server-round": server_round, "client-id": client_id, "train-A": bool(train_A),
+        "train-B": bool(train_B),
         "alphas": json.dumps({n: float(f[2]) for n, f in factors.items()}),
     })})
 
@@ -156,7 +158,8 @@ def decode_train(content: RecordDict) -> TrainInstruction:
                 dense = arrays.get(name + _GLOBAL[0])
                 parts[name] = (None if dense is None else _tensor(dense), _tensor(arrays[key]),
                                _tensor(arrays[name + _GLOBAL[2]]))
-        return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, parts or None, bool(cfg["train-A"]))
+        return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, parts or None,
+                                _flag(cfg, "train-A"), _flag(cfg, "train-B"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed train message: {type(exc).__name__}: {exc}") from None
 
@@ -207,6 +210,13 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 # ------------------------------------------------------------------ helpers
+def _flag(record: ConfigRecord, key: str) -> bool:
+    value = record[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _tensor(array: Array) -> torch.Tensor:
     if not isinstance(array, Array):
         raise TypeError(f"expected an Array, got {type(array).__name__}")
