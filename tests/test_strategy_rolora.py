@@ -89,3 +89,32 @@ def test_state_round_trip_keeps_the_round_parity(tmp_path):
     s.aggregate(ups)
     t.aggregate(ups)
     assert all(torch.equal(v, t._tensors[k]) for k, v in s._tensors.items())
+
+
+def test_a_server_optimizer_steps_only_the_rounds_factor():
+    """FedAvgM on RoLoRA: x_t = x_{t-1} + eta m_t, m_t = mu m_{t-1} + (average - x_{t-1}), per factor, and
+    only for the factor the round trained (the other keeps its value and its momentum)."""
+    lr, mu = 0.5, 0.6
+    s = RoLoRA(server_opt="avgm", server_lr=lr, server_momentum=mu, dtype=torch.float64)
+    s.init_global(SHAPES, rank=6)
+    x = {k: v.clone() for k, v in s._tensors.items()}
+    m = {}
+    for t in range(4):
+        f = s.trainable_at(t)[0]
+        ups = trained_updates(s, [6, 4, 6], (f,), seed=20 + t, dtype=torch.float64)
+        s.aggregate(ups)
+        p = data_weights(ups)
+        for n in NAMES:
+            avg = torch.zeros_like(x[f"{n}.{f}"])
+            for u, pk in zip(ups, p):
+                a, b, alpha = u.modules[n]
+                r = a.shape[0]
+                if f == "A":
+                    avg[:r] += pk * a
+                else:
+                    avg[:, :r] += pk * lora_scaling(alpha, r) * b
+            key = f"{n}.{f}"
+            m[key] = mu * m.get(key, 0.0) + (avg - x[key])
+            x[key] = x[key] + lr * m[key]
+    for key, want in x.items():  # float64 both sides: only the order of additions differs
+        assert rel(s._tensors[key], want) < 1e-10, key

@@ -508,9 +508,9 @@ class TruncatedFactors(Strategy):
     """Global factors (A_g [R, d_in], B_g [d_out, R]) per module with product B_g A_g
     (scale-free); a rank-r client starts from A_g[:r] and B_g[:, :r]. R is
     ``init_global(rank=R)`` (per module: ``module_ranks``); A_g starts seeded, B_g
-    at zero (PEFT's init). A server optimizer acts on the factors the clients train
-    (``trainable``): x = (A_g, B_g), the pseudo-gradient the change the rule's
-    average makes to them."""
+    at zero (PEFT's init). A server optimizer acts on the factors the clients send back
+    this round (``uploaded_at``; RoLoRA's one factor): x = (A_g, B_g), the pseudo-gradient
+    the change the rule's average makes to them."""
 
     server_opt_space = "factors"
 
@@ -537,7 +537,7 @@ class TruncatedFactors(Strategy):
         return rank
 
     def _server_params(self) -> list[str]:
-        return [f"{name}.{factor}" for name in self.module_shapes for factor in self.trainable]
+        return [f"{name}.{factor}" for name in self.module_shapes for factor in self.uploaded_at(self.round)]
 
     def _distribute(self, ranks, alphas, client_id):
         out = {}
