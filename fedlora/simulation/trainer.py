@@ -24,7 +24,7 @@ from torch import nn
 
 from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.data.clients import IGNORE_INDEX, ClientDataset, collate_clients
-from fedlora.layers import DeltaLinear, MultiLoRALinear, segments
+from fedlora.layers import DeltaLinear, MultiLoRALinear, keep_4bit_layout_trainable, segments
 
 from .optim import PerClientOptimizer, scheduled_lr
 
@@ -43,6 +43,10 @@ class FederatedModel:
         self.model = model
         self.use_rslora = use_rslora
         model.requires_grad_(False)
+        # The backward of every round crosses the frozen 4-bit layers that carry no adapter too: an
+        # evaluation must not repack them into bitsandbytes' inference layout (no autograd there).
+        for module in model.modules():
+            keep_4bit_layout_trainable(module)
         targets = set(target_modules)
         names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets and _is_linear(m)]
         if not names:
