@@ -57,6 +57,10 @@ class FederatedData:
     def num_train_clients(self) -> int:
         return len(self.train_clients)
 
+    @property
+    def train_client_ids(self) -> list[str]:
+        return [c.client_id for c in self.train_clients]
+
     def train_client(self, j: int) -> ClientDataset:
         return self.train_clients[j]
 

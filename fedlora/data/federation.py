@@ -96,6 +96,10 @@ class LazyFederation:
     def num_train_clients(self) -> int:
         return len(self.train)
 
+    @property
+    def train_client_ids(self) -> Sequence[str]:
+        return self.train.ids
+
     def train_client(self, j: int) -> ClientDataset:
         """Training client j as a ClientDataset whose examples are encoded when first used."""
         return ClientDataset(self.train.ids[j], LazyExamples(self.train.records_of(j), self.load),

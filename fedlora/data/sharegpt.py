@@ -145,8 +145,8 @@ def _language(text: str) -> str:
         return "ja"
     if scripts and max(scripts.values()) > latin:
         return scripts.most_common(1)[0][0]
-    words = _WORD.findall(text.lower())
-    counts = {lang: sum(w in stops for w in words) for lang, stops in _STOP_SETS.items()}
+    words = Counter(_WORD.findall(text.lower()))
+    counts = {lang: sum(words[w] for w in stops) for lang, stops in _STOP_SETS.items()}
     best = max(counts, key=counts.get)
     # Too little evidence (a short "continue") reads as English, the bulk of the data.
     return best if counts[best] >= 3 and counts[best] > counts["en"] else "en"

@@ -36,8 +36,8 @@ class SimConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     # data
-    dataset: str = "shakespeare"  # or a path to an instruction JSONL file
-    partition: str = "field"  # JSONL only: field | dirichlet | iid
+    dataset: str = "shakespeare"  # "sharegpt", a ShareGPT-format .json file, or an instruction .jsonl file
+    partition: str = "auto"  # auto (JSONL: field, ShareGPT: dirichlet) | field (JSONL) | dirichlet | iid
     client_field: str = "client"
     category_field: str = "category"
     dirichlet_alpha: float = 0.5
@@ -45,7 +45,7 @@ class SimConfig:
     unseen_fraction: float = 0.1
     heldout_fraction: float = 0.1
     seq_len: int = 64
-    num_clients: int = 32  # training clients kept (0: all)
+    num_clients: int = 32  # training clients kept (0: all); ShareGPT: the clients made, unseen ones included
     # rounds
     rounds: int = 3
     clients_per_round: int | float = 4  # a count, or a fraction of num_clients when < 1
@@ -70,6 +70,7 @@ class SimConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     # evaluation
     eval_every: int = 1
+    eval_base: bool = True  # evaluate the base model once before round 0 (base_eval.json: every curve's start)
     eval_max_examples: int = 32  # per split (held-out lines of training clients, unseen clients)
     eval_generate_examples: int = 16  # instruction data: greedy generations per split scored by Rouge-L (0: off)
     max_new_tokens: int = 64
@@ -94,6 +95,8 @@ class SimConfig:
         need(self.rank_distribution in RANK_DISTRIBUTIONS,
              f"rank_distribution must be one of {RANK_DISTRIBUTIONS}, got {self.rank_distribution!r}")
         need(self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}")
+        need(self.partition in ("auto", "field", "dirichlet", "iid"),
+             f"partition must be auto, field, dirichlet or iid, got {self.partition!r}")
         need(self.mode in ("batched", "sequential"), f"mode must be batched or sequential, got {self.mode!r}")
         need(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         need(self.lr_schedule in ("constant", "linear", "cosine"), f"unknown lr_schedule {self.lr_schedule!r}")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.data.clients import IGNORE_INDEX, ClientDataset, collate_clients
+from fedlora.data.clients import IGNORE_INDEX, collate_clients
 from fedlora.layers import segments
 from fedlora.strategies import Strategy
 
@@ -28,23 +28,6 @@ def split_prompt(example) -> tuple[torch.Tensor, torch.Tensor]:
         return example["input_ids"], example["input_ids"][:0]
     first = int(answer.nonzero()[0])
     return example["input_ids"][:first], example["input_ids"][answer]
-
-
-def pick_examples(clients: Sequence[ClientDataset], budget: int, unseen: bool) -> list[tuple[float, list]]:
-    """Up to ``budget`` examples, client by client: (client weight, examples) pairs.
-
-    Training clients contribute their held-out examples, unseen clients all of theirs.
-    """
-    picked = []
-    for client in clients:
-        if budget <= 0:
-            break
-        pool = (client.train + client.heldout) if unseen else client.heldout
-        take = pool[:budget]
-        if take:
-            picked.append((float(len(client.train) + len(client.heldout)), take))
-            budget -= len(take)
-    return picked
 
 
 @torch.no_grad()
@@ -95,14 +78,11 @@ def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, bat
     return total / max(tokens, 1)
 
 
-def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
-                    max_new_tokens: int) -> dict:
-    """Loss, perplexity (and Rouge-L for instruction data) of the global model: base + global delta.
-
-    The global deltas are reconstructed once and serve every metric.
-    """
+def evaluate_model(fm: FederatedModel, deltas, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
+                   max_new_tokens: int) -> dict:
+    """Loss, perplexity (and Rouge-L for instruction data) of the base model plus ``deltas`` (None: the base)."""
     fm.load_zero_adapter()
-    fm.set_deltas(strategy.global_deltas())
+    fm.set_deltas(deltas)
     out = {}
     for name, examples in (("heldout", heldout), ("unseen", unseen)):
         if examples:
@@ -114,3 +94,10 @@ def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad
             out[f"eval_{name}_rougeL"] = rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens)
     fm.set_deltas(None)
     return out
+
+
+def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
+                    max_new_tokens: int) -> dict:
+    """The metrics of the global model: base + the rule's global update (reconstructed once for every metric)."""
+    return evaluate_model(fm, strategy.global_deltas(), heldout, unseen, pad_id, tokenizer, rouge_sets,
+                          max_new_tokens)

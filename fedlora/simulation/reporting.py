@@ -22,18 +22,30 @@ def write_metrics(path: Path, records: list[dict]) -> None:
     atomic_write(path, "".join(json.dumps(m) + "\n" for m in records).encode())
 
 
+EVAL_KEYS = ("eval_heldout_loss", "eval_heldout_ppl", "eval_unseen_loss", "eval_unseen_ppl",
+             "eval_heldout_rougeL", "eval_unseen_rougeL")
+
+
+def _eval_parts(record: dict) -> list[str]:
+    return [f"{key.removeprefix('eval_')} {record[key]:.4f}" for key in EVAL_KEYS if key in record]
+
+
 def summary(record: dict, enabled: bool) -> None:
     """One console line per round (printed above live progress bars when they are on)."""
-    parts = [f"round {record['round']}", f"train_loss {record['train_loss']:.4f}"]
-    for key in ("eval_heldout_loss", "eval_heldout_ppl", "eval_unseen_loss", "eval_unseen_ppl",
-                "eval_heldout_rougeL", "eval_unseen_rougeL"):
-        if key in record:
-            parts.append(f"{key.removeprefix('eval_')} {record[key]:.4f}")
+    parts = [f"round {record['round']}", f"train_loss {record['train_loss']:.4f}", *_eval_parts(record)]
     parts += [f"up {record['bytes_up'] / 1e6:.2f} MB", f"down {record['bytes_down'] / 1e6:.2f} MB",
               f"{record['wall_time_s']:.1f} s"]
     if record["rejected"]:
         parts.append(f"rejected {record['rejected']}")
-    line = " | ".join(parts)
+    _print(" | ".join(parts), enabled)
+
+
+def summary_base(record: dict, enabled: bool) -> None:
+    """The console line of the base model's evaluation before round 0."""
+    _print(" | ".join(["base model", *_eval_parts(record), f"{record['wall_time_s']:.1f} s"]), enabled)
+
+
+def _print(line: str, enabled: bool) -> None:
     if enabled:
         from tqdm.auto import tqdm
 
@@ -42,8 +54,8 @@ def summary(record: dict, enabled: bool) -> None:
         print(line, flush=True)
 
 
-def plot(metrics: list[dict], path: Path) -> None:
-    """Training and evaluation loss against the round, as a PNG."""
+def plot(metrics: list[dict], path: Path, base: dict | None = None) -> None:
+    """Training and evaluation loss against rounds completed (0: the base model, when evaluated), as a PNG."""
     import matplotlib
     import matplotlib.ticker
 
@@ -54,11 +66,12 @@ def plot(metrics: list[dict], path: Path) -> None:
     rounds = [m["round"] + 1 for m in metrics]
     for key, label in (("train_loss", "train (sampled clients)"), ("eval_heldout_loss", "held-out lines"),
                        ("eval_unseen_loss", "unseen clients")):
-        points = [(r, m[key]) for r, m in zip(rounds, metrics) if key in m and math.isfinite(m[key])]
+        points = [(r, m[key]) for r, m in zip([0] + rounds, [base or {}] + metrics)
+                  if key in m and math.isfinite(m[key])]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("round")
+    ax.set_xlabel("rounds completed")
     ax.set_ylabel("next-token loss")
     ax.legend()
     ax.grid(alpha=0.3)

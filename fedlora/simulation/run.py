@@ -12,6 +12,7 @@ Flower integration shares.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,19 +20,20 @@ from pathlib import Path
 
 import torch
 
-from fedlora.data import FederatedData
 from fedlora.federated.rng import stable_seed
+from fedlora.federated.update import atomic_write
 from fedlora.strategies import Strategy
 
 from . import reporting
 from .checkpoints import Checkpoints, run_defining
 from .config import SimConfig
-from .evaluation import evaluate_global, pick_examples
+from .evaluation import evaluate_global, evaluate_model
 from .export import export_peft_adapter
 from .round import UpdateHook, run_round, sample
-from .setup import make_strategy, setup_run
+from .setup import Federation, make_strategy, setup_run
 
 log = logging.getLogger("fedlora.simulate")
+BASE_EVAL_FILE = "base_eval.json"
 
 
 @dataclass
@@ -41,10 +43,13 @@ class SimulationResult:
     strategy: Strategy
     adapter_dir: Path | None = None
     client_ranks: dict[str, int] = field(default_factory=dict)
+    base_eval: dict = field(default_factory=dict)  # the base model's metrics before round 0 (eval_base)
+    setup_s: float = float("nan")  # seconds from the call to the first round of this call
+    num_train_clients: int = 0
 
 
 def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | None = None,
-             data: FederatedData | None = None, stop_after: int | None = None) -> SimulationResult:
+             data: Federation | None = None, stop_after: int | None = None) -> SimulationResult:
     """Run the experiment ``cfg`` (defaults: the built-in SmolLM2 x Shakespeare FlexLoRA run).
 
     update_hook: called on every client update before aggregation (tests use it to
@@ -52,6 +57,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     data: pre-built federated data (skips loading ``cfg.dataset``).
     stop_after: stop after this many rounds of this call (to test resuming).
     """
+    started = time.perf_counter()
     if cfg is None:
         cfg = SimConfig()
     elif isinstance(cfg, dict):
@@ -61,7 +67,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     out.mkdir(parents=True, exist_ok=True)
     run = setup_run(cfg, data)
     fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
-    rank_of = {c.client_id: r for c, r in zip(clients, ranks)}
+    rank_of = run.rank_of
     strategy = make_strategy(cfg, fm.module_shapes, ranks, run.device)
     checkpoints = Checkpoints(out)
     metrics: list[dict] = []
@@ -82,13 +88,17 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
             rank_of.update(state.get("client_ranks", {}))
             log.info("resuming at round %d from %s", start_round, out)
 
-    heldout = [ex for c in clients for ex in c.heldout][: cfg.eval_max_examples]
-    unseen = [ex for c in data.unseen_clients for ex in c.train + c.heldout][: cfg.eval_max_examples]
+    heldout, unseen = ([ex for _, exs in data.eval_sets(split, cfg.eval_max_examples) for ex in exs]
+                       for split in ("heldout", "unseen"))
     rouge_sets = {}
     if cfg.dataset != "shakespeare" and cfg.eval_generate_examples > 0:  # FlexLoRA's metric for instructions
-        rouge_sets = {"heldout": pick_examples(clients, cfg.eval_generate_examples, unseen=False),
-                      "unseen": pick_examples(data.unseen_clients, cfg.eval_generate_examples, unseen=True)}
+        rouge_sets = {split: data.eval_sets(split, cfg.eval_generate_examples) for split in ("heldout", "unseen")}
     (out / "config.json").write_text(cfg.to_json())
+    base_eval = _base_evaluation(cfg, out, fm, heldout, unseen, pad_id, tokenizer, rouge_sets)
+    setup_s = time.perf_counter() - started
+
+    def result(adapter_dir=None) -> SimulationResult:
+        return SimulationResult(out, metrics, strategy, adapter_dir, rank_of, base_eval, setup_s, len(clients))
 
     rounds = range(start_round, cfg.rounds)
     bar = reporting.progress(rounds, cfg.progress, desc="rounds", unit="round")
@@ -119,9 +129,23 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         reporting.summary(record, cfg.progress)
         done_now += 1
         if stop_after is not None and done_now >= stop_after and round_idx + 1 < cfg.rounds:
-            return SimulationResult(out, metrics, strategy, None, rank_of)
+            return result()
 
-    reporting.plot(metrics, out / "metrics.png")
+    reporting.plot(metrics, out / "metrics.png", base_eval)
     export_rank = cfg.export_rank or max(ranks)
-    adapter_dir = export_peft_adapter(strategy, out / "adapter", export_rank, cfg)
-    return SimulationResult(out, metrics, strategy, adapter_dir, rank_of)
+    return result(export_peft_adapter(strategy, out / "adapter", export_rank, cfg))
+
+
+def _base_evaluation(cfg: SimConfig, out: Path, fm, heldout, unseen, pad_id, tokenizer, rouge_sets) -> dict:
+    """The base model's metrics before any round (every curve's first point), computed once per run folder."""
+    path = out / BASE_EVAL_FILE
+    if not cfg.eval_base:
+        return {}
+    if path.is_file():  # a resumed run evaluated it already (same settings: checked against the checkpoint)
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    record = evaluate_model(fm, None, heldout, unseen, pad_id, tokenizer, rouge_sets, cfg.max_new_tokens)
+    record["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    atomic_write(path, json.dumps(record, indent=2).encode())
+    reporting.summary_base(record, cfg.progress)
+    return record

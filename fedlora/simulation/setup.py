@@ -5,12 +5,14 @@ both see the same clients in the same order with the same ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fedlora.data import ClientDataset, FederatedData, load_instructions, load_shakespeare, read_jsonl
+from fedlora.data import (ClientDataset, FederatedData, LazyFederation, load_instructions, load_shakespeare,
+                          load_sharegpt, read_jsonl)
 from fedlora.data.instructions import partition_by_field
 from fedlora.federated.ranks import assign_ranks, module_ranks
 from fedlora.models import load_model
@@ -18,6 +20,8 @@ from fedlora.strategies import Strategy, registry
 
 from .config import SimConfig
 from .trainer import FederatedModel
+
+Federation = FederatedData | LazyFederation  # what a run trains on: num_train_clients, train_client(i), eval_sets
 
 
 def device_of(cfg: SimConfig) -> torch.device:
@@ -40,22 +44,36 @@ def lora_alpha(cfg: SimConfig, rank: int) -> float:
     return float(cfg.lora_alpha) if cfg.lora_alpha > 0 else 2.0 * rank
 
 
-def load_data(cfg: SimConfig, tokenizer) -> FederatedData:
+def load_data(cfg: SimConfig, tokenizer) -> Federation:
+    """The configured data set as a federation: Shakespeare roles, ShareGPT conversations or instruction JSONL.
+
+    ShareGPT clients are loaded lazily (a conversation is tokenized when a round
+    uses it); the others are small enough to tokenize up front.
+    """
     max_clients = cfg.num_clients or None
     if cfg.dataset == "shakespeare":
         return load_shakespeare(tokenizer, seq_len=cfg.seq_len, min_lines=cfg.min_lines,
                                 unseen_fraction=cfg.unseen_fraction, heldout_fraction=cfg.heldout_fraction,
                                 seed=cfg.seed, max_clients=max_clients)
-    path = Path(cfg.dataset)
-    if not path.is_file():
-        raise ValueError(f"config: dataset must be 'shakespeare' or an instruction JSONL file; {path} does not exist")
-    if cfg.partition == "field":
+    path = None if cfg.dataset == "sharegpt" else Path(cfg.dataset)
+    if path is not None and not path.is_file():
+        raise ValueError(f"config: dataset must be 'shakespeare', 'sharegpt', a ShareGPT .json file or an instruction "
+                         f".jsonl file; {path} does not exist")
+    if path is None or path.suffix.lower() == ".json":
+        if not max_clients:
+            raise ValueError("config: ShareGPT data needs num_clients >= 1 (it has no natural client key)")
+        return load_sharegpt(tokenizer, path, num_clients=max_clients,
+                             partition="dirichlet" if cfg.partition == "auto" else cfg.partition,
+                             alpha=cfg.dirichlet_alpha, unseen_fraction=cfg.unseen_fraction,
+                             heldout_fraction=cfg.heldout_fraction, max_len=cfg.seq_len, seed=cfg.seed)
+    partition = "field" if cfg.partition == "auto" else cfg.partition
+    if partition == "field":
         num_parts = len(partition_by_field(read_jsonl(path), cfg.client_field))
     else:
         num_parts = max_clients or 0
     # FlexLoRA's "unseen clients" protocol: a seeded share of clients is never trained on.
     unseen = int(cfg.unseen_fraction * num_parts) if num_parts > 1 else 0
-    data = load_instructions(path, tokenizer, partition=cfg.partition, client_field=cfg.client_field,
+    data = load_instructions(path, tokenizer, partition=partition, client_field=cfg.client_field,
                              category_field=cfg.category_field, num_clients=max_clients, alpha=cfg.dirichlet_alpha,
                              heldout_fraction=cfg.heldout_fraction, unseen_clients=min(unseen, num_parts - 1),
                              max_len=cfg.seq_len, seed=cfg.seed)
@@ -82,6 +100,19 @@ def make_strategy(cfg: SimConfig, module_shapes, ranks: list[int], device=None) 
     return strategy
 
 
+class TrainingClients(Sequence):
+    """The training clients of a federation as a sequence; a lazy federation builds client i when it is indexed."""
+
+    def __init__(self, data: Federation):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.num_train_clients
+
+    def __getitem__(self, i: int) -> ClientDataset:
+        return self.data.train_client(range(len(self))[i])
+
+
 @dataclass
 class RunSetup:
     """The model wrapped for training and the training clients with their ranks, as a run loads them."""
@@ -89,14 +120,23 @@ class RunSetup:
     fm: FederatedModel
     tokenizer: object
     pad_id: int
-    data: FederatedData
-    clients: list[ClientDataset]  # the training clients with examples, in data order
+    data: Federation
+    clients: Sequence[ClientDataset]  # the training clients with examples, in data order (built when indexed)
     ranks: list[int]  # assign_ranks' rank of each of them
     device: torch.device
+    client_ids: list[str] = field(default_factory=list)  # of ``clients``, without building them
+
+    @property
+    def rank_of(self) -> dict[str, int]:
+        return dict(zip(self.client_ids, self.ranks))
 
 
-def setup_run(cfg: SimConfig, data: FederatedData | None = None) -> RunSetup:
-    """Load ``cfg``'s model and data and assign ranks: the same on one machine and on every Flower node."""
+def setup_run(cfg: SimConfig, data: Federation | None = None) -> RunSetup:
+    """Load ``cfg``'s model and data and assign ranks: the same on one machine and on every Flower node.
+
+    Nothing here costs time or memory per client beyond an id and a rank: a
+    client's examples are built when a round samples it (lazy federations).
+    """
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, dtype=dtype_of(cfg, device),
@@ -104,9 +144,11 @@ def setup_run(cfg: SimConfig, data: FederatedData | None = None) -> RunSetup:
                                   device=device, seed=cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = data if data is not None else load_data(cfg, tokenizer)
-    clients = [c for c in data.train_clients if c.num_examples > 0]
-    if not clients:
+    if isinstance(data, FederatedData):  # tokenized up front: drop clients left without a training example
+        data = FederatedData([c for c in data.train_clients if c.num_examples > 0], data.unseen_clients)
+    clients = TrainingClients(data)
+    if not len(clients):
         raise ValueError("the dataset produced no training client with examples")
     ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
     fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
-    return RunSetup(fm, tokenizer, pad_id, data, clients, ranks, device)
+    return RunSetup(fm, tokenizer, pad_id, data, clients, ranks, device, list(data.train_client_ids))
