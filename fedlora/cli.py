@@ -27,6 +27,33 @@ def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    """A grid of simulate runs (--config), or the tables and plots of a finished one rebuilt (--report)."""
+    import logging
+
+    from fedlora.simulation.benchmark import Grid, run_grid
+    from fedlora.simulation.benchmark_report import REPORT_FILES, write_report
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.report is not None:
+            paths = write_report(args.report, metric=args.metric)
+        else:
+            grid = Grid.load(args.config, output_dir=args.output_dir)
+            if args.metric is not None:
+                grid.metric = args.metric
+            if args.no_progress:
+                grid.progress = False
+            print(f"benchmark: {len(grid.cells())} cells ({len(grid.runs())} runs) into {grid.output_dir}", flush=True)
+            run_grid(grid)  # writes the report when every cell has finished
+            paths = {k: grid.output_dir / f for k, f in REPORT_FILES.items()}
+    except (ValueError, OSError) as exc:
+        print(f"fedlora benchmark: {exc}", file=sys.stderr)
+        return 2
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _flower(args: argparse.Namespace) -> int:
     """Helpers for running fedlora on Flower (see README, "Running fedlora on Flower")."""
     from fedlora.integrations.flower import deploy
@@ -66,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--config", help="TOML file with settings (flat, or under [simulate])")
     sim.set_defaults(func=_simulate)
+    bench = sub.add_parser(
+        "benchmark", help="a grid of simulate runs (rules x rank distributions x seeds ...) with tables and plots",
+        description="--config GRID.toml runs every cell of the grid (resumable: a rerun continues where it "
+                    "stopped); --report DIR rebuilds results.csv, results.md, curves.png and bars.png from DIR's "
+                    "finished cells. A grid file has [simulate] (shared settings), [grid] (setting -> list of "
+                    "values; strategy may also be bucket, homogeneous-max) and [benchmark] (output_dir, metric).")
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="the grid file (TOML)")
+    what.add_argument("--report", metavar="DIR", help="rebuild the report of the benchmark in DIR")
+    bench.add_argument("--output-dir", help="where the cells go (default: [benchmark] output_dir of the grid)")
+    bench.add_argument("--metric", help="the tables' and plots' metric, e.g. eval_heldout_ppl, eval_unseen_loss")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars (one line per cell and round)")
+    bench.set_defaults(func=_benchmark)
     flower = sub.add_parser("flower", help="run fedlora on Flower: deployment commands and SuperLink connections")
     flower.set_defaults(func=_flower)
     fsub = flower.add_subparsers(dest="flower_command", required=True)

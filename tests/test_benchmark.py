@@ -1,0 +1,225 @@
+"""`fedlora benchmark`: grid expansion, baselines, the report rebuilt from cells, a killed grid resumed."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora.simulation.benchmark import BASELINES, Grid, cell_name
+from fedlora.simulation.benchmark_report import load_cells, write_report
+
+
+def grid_dict(**axes):
+    return {"simulate": {"model": "tiny-random-llama", "rounds": 2, "rank_levels": [2, 4]},
+            "grid": axes or {"strategy": ["flexlora", "bucket", "homogeneous-max"],
+                             "rank_distribution": ["uniform", "heavy_tail"], "seed": [0, 1]},
+            "benchmark": {"output_dir": "OUT", "metric": "eval_unseen_loss"}}
+
+
+def test_grid_expands_every_combination_in_order_with_baselines_resolved(tmp_path):
+    grid = Grid.from_dict(grid_dict(), output_dir=tmp_path)
+    cells = grid.cells()
+    assert len(cells) == 3 * 2 * 2 and grid.metric == "eval_unseen_loss"
+    assert [c.values for c in cells[:3]] == [
+        {"strategy": "flexlora", "rank_distribution": "uniform", "seed": 0},
+        {"strategy": "flexlora", "rank_distribution": "uniform", "seed": 1},
+        {"strategy": "flexlora", "rank_distribution": "heavy_tail", "seed": 0}]
+    assert cells[0].name == "strategy-flexlora__rank_distribution-uniform__seed-0"
+    by_name = {c.name: c for c in cells}
+    bucket = by_name["strategy-bucket__rank_distribution-heavy_tail__seed-1"]
+    assert (bucket.config.strategy, bucket.config.strategy_options, bucket.config.rank_distribution,
+            bucket.config.seed) == ("fedavg", {"heterogeneous": "bucket"}, "heavy_tail", 1)
+    assert bucket.rule == "bucket" and bucket.config.resume and bucket.config.rounds == 2
+    assert bucket.config.output_dir == str(tmp_path / "cells" / bucket.name)
+    top = [c for c in cells if c.rule == "homogeneous-max"]
+    assert all(c.config.strategy == "fedavg" and c.config.rank_distribution == "homogeneous" for c in top)
+    # homogeneous-max does not depend on the rank distribution: one run per seed serves both columns.
+    assert {c.name: c.run for c in top} == {
+        f"strategy-homogeneous-max__rank_distribution-{d}__seed-{s}":
+            f"strategy-homogeneous-max__rank_distribution-uniform__seed-{s}"
+        for d in ("uniform", "heavy_tail") for s in (0, 1)}
+    assert len(grid.runs()) == 12 - 2
+    assert set(BASELINES) == {"bucket", "homogeneous-max"}
+
+
+def test_grid_over_other_fields_and_odd_values(tmp_path):
+    grid = Grid.from_dict({"simulate": {"model": "tiny-random-llama"},
+                           "grid": {"rank_levels": [[4, 8], [2, 16]], "lr": [1e-3], "quantization": ["none", "nf4"]}},
+                          output_dir=tmp_path)
+    cells = grid.cells()
+    assert [c.config.rank_levels for c in cells] == [[4, 8], [4, 8], [2, 16], [2, 16]]
+    assert cells[1].name == "rank_levels-4_8__lr-0.001__quantization-nf4" and cells[1].config.quantization == "nf4"
+    assert cell_name({}) == "single" and len(Grid.from_dict({}, output_dir=tmp_path).cells()) == 1
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"grid": {"strategy": ["flexlora"]}, "extra": {}}, r"unknown table\(s\) \['extra'\]"),
+    ({"grid": {"stratgy": ["flexlora"]}}, "'stratgy' is not a simulate setting"),
+    ({"grid": {"seed": 3}}, "seed must be a non-empty list"),
+    ({"grid": {"seed": []}}, "seed must be a non-empty list"),
+    ({"grid": {"seed": [1, 1]}}, "seed lists a value twice"),
+    ({"simulate": {"seed": 1}, "grid": {"seed": [2]}}, r"\['seed'\] set in both"),
+    ({"simulate": {"output_dir": "x"}}, "'output_dir' is the benchmark's to set"),
+    ({"benchmark": {"metrc": "x"}}, "unknown \\[benchmark\\] setting"),
+    ({"grid": {"strategy": ["flexlora", "nonsense"]}}, "cell strategy-nonsense: config: strategy must be one of"),
+    ({"grid": {"rank_levels": [[1, 2], "1_2"]}, "simulate": {}}, "get the same folder name"),
+])
+def test_grid_rejects_bad_files_with_a_reason(tmp_path, data, message):
+    with pytest.raises(ValueError, match=message):
+        Grid.from_dict(data, output_dir=tmp_path)
+
+
+def test_grid_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "g.toml"
+    bad.write_text("[grid\n")
+    with pytest.raises(ValueError, match="grid file .*g.toml"):
+        Grid.load(bad)
+
+
+# ---------------------------------------------------------------- the report, from cells alone
+
+def fake_cell(root: Path, grid: Grid, cells, losses: list[float], base_loss: float, bytes_up: int):
+    """A finished run folder as simulate + run_cells leave it (metrics.jsonl, base_eval.json, cell.json)."""
+    folder = Path(cells[0].config.output_dir)
+    folder.mkdir(parents=True)
+    lines = [{"round": r, "eval_heldout_loss": v, "eval_heldout_ppl": math.exp(v), "eval_unseen_loss": v + 1,
+              "eval_unseen_ppl": math.exp(v + 1), "bytes_up": bytes_up, "bytes_down": 2 * bytes_up,
+              "total_bytes_up": bytes_up * (r + 1), "total_bytes_down": 2 * bytes_up * (r + 1), "wall_time_s": 0.5}
+             for r, v in enumerate(losses)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    (folder / "base_eval.json").write_text(json.dumps({"eval_heldout_loss": base_loss,
+                                                       "eval_heldout_ppl": math.exp(base_loss)}))
+    (folder / "cell.json").write_text(json.dumps({
+        "name": cells[0].run, "labels": [{"cell": c.name, "values": c.values} for c in cells],
+        "config": json.loads(cells[0].config.to_json()), "round_time_s": 1.0}))
+
+
+def test_report_is_rebuilt_from_finished_cells(tmp_path):
+    grid = Grid.from_dict(grid_dict(strategy=["flexlora", "bucket", "homogeneous-max"],
+                                    rank_distribution=["uniform", "heavy_tail"], seed=[0, 1, 2]), output_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    final = {}
+    runs = grid.runs()
+    for k, (run, cells) in enumerate(runs.items()):
+        if run.endswith("seed-2") and "bucket__rank_distribution-heavy_tail" in run:
+            continue  # an unfinished cell: no cell.json, so not in the report
+        losses = sorted(rng.uniform(1, 3, size=3).tolist(), reverse=True)
+        fake_cell(tmp_path, grid, cells, losses, base_loss=4.0, bytes_up=1000 * (1 + k % 3))
+        for c in cells:
+            final[c.name] = losses[-1]
+    (tmp_path / "grid.json").write_text(json.dumps({"metric": "eval_heldout_loss",
+                                                    "cells": [c.name for c in grid.cells()]}))
+    paths = write_report(tmp_path)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["cell"] for r in rows] == [c.name for c in grid.cells() if c.name in final]  # grid order
+    for r in rows:
+        assert float(r["final_eval_heldout_loss"]) == pytest.approx(final[r["cell"]], rel=1e-12)
+        assert float(r["base_eval_heldout_loss"]) == 4.0 and r["rounds"] == "3"
+    md = paths["md"].read_text()
+    # Every mean ± std in the table equals numpy's over the seeds of that rule and distribution.
+    best = {}
+    for dist in ("uniform", "heavy_tail"):
+        for rule in ("flexlora", "bucket", "homogeneous-max"):
+            vals = [v for n, v in final.items() if n.startswith(f"strategy-{rule}__rank_distribution-{dist}__")]
+            text = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" + ("" if len(vals) == 3 else " (2 of 3 seeds)")
+            assert text in md
+            best.setdefault(dist, []).append((np.mean(vals), text))
+    table = md.split("### eval_heldout_loss after the last round")[1].split("###")[0]
+    for dist, entries in best.items():
+        assert f"**{min(entries)[1]}**" in table  # the lowest mean of each column is bold
+    assert md.count("**") == 2 * 2 * 2  # one bold entry per column in the two metric tables
+    assert "Base model before training: 4.000" in md
+    for key in ("curves", "bars"):
+        assert paths[key].stat().st_size > 10_000  # a rendered PNG, not an empty figure
+    again = write_report(tmp_path)  # rebuilding from the same cells gives the same tables
+    assert again["md"].read_text() == md and again["csv"].read_text() == paths["csv"].read_text()
+
+
+def test_report_refuses_what_is_not_a_benchmark(tmp_path):
+    with pytest.raises(ValueError, match="no cells/ folder"):
+        write_report(tmp_path)
+    (tmp_path / "cells").mkdir()
+    with pytest.raises(ValueError, match="no finished cell"):
+        write_report(tmp_path)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        write_report(tmp_path, metric="accuracy")
+    assert load_cells(tmp_path) == []
+
+
+# ---------------------------------------------------------------- a real 2-cell grid on the tiny model (CI runs it)
+
+GRID_TOML = """
+[simulate]
+model = "tiny-random-llama"
+dataset = "{data}"
+partition = "iid"
+num_clients = 6
+rounds = 2
+clients_per_round = 2
+local_steps = 1
+batch_size = 1
+seq_len = 32
+rank_levels = [2, 4]
+eval_max_examples = 4
+eval_generate_examples = 1
+max_new_tokens = 4
+progress = false
+
+[grid]
+strategy = ["flexlora", "bucket"]
+
+[benchmark]
+output_dir = "{out}"
+metric = "eval_unseen_loss"
+"""
+
+
+def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, capsys):
+    from fedlora.cli import main
+    from fedlora.simulation import simulate
+    from fedlora.simulation.benchmark import run_grid
+
+    from .test_data_sharegpt import write_sharegpt
+
+    data = tmp_path / "conversations.json"
+    write_sharegpt(data)  # a ShareGPT file cut inside its last record, as the real package's
+    out = tmp_path / "bench"
+    toml = tmp_path / "grid.toml"
+    toml.write_text(GRID_TOML.format(data=data, out=out))
+    grid = Grid.load(toml)
+    first, second = grid.cells()
+    # Killed after the first cell and one round into the second:
+    assert run_grid(grid, stop_after_runs=1) == [first.run]
+    simulate(second.config, stop_after=1)
+    first_record = (out / "cells" / first.run / "cell.json").read_bytes()
+    assert not (out / "cells" / second.run / "cell.json").exists() and not (out / "results.md").exists()
+
+    assert main(["benchmark", "--config", str(toml), "--no-progress"]) == 0
+    assert "2 cells (2 runs)" in capsys.readouterr().out
+    assert (out / "cells" / first.run / "cell.json").read_bytes() == first_record  # not run again
+    metrics = [json.loads(x) for x in (out / "cells" / second.run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1]  # continued inside the cell, each round once
+    bases = [json.loads((out / "cells" / c.run / "base_eval.json").read_text()) for c in (first, second)]
+    # The same base model on the same evaluation sets: every rule's curve starts at the same point.
+    assert {k: v for k, v in bases[0].items() if k != "wall_time_s"} == \
+        {k: v for k, v in bases[1].items() if k != "wall_time_s"}
+    assert {"eval_heldout_loss", "eval_unseen_loss", "eval_unseen_rougeL"} <= set(bases[0])
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["rule"] for r in rows] == ["flexlora", "bucket"] and [r["rounds"] for r in rows] == ["2", "2"]
+    assert float(rows[1]["final_eval_unseen_loss"]) == pytest.approx(metrics[-1]["eval_unseen_loss"], rel=1e-12)
+    built = {name: (out / name).read_bytes() for name in ("results.csv", "results.md")}
+    for name in ("results.csv", "results.md", "curves.png", "bars.png"):
+        (out / name).unlink()
+    assert main(["benchmark", "--report", str(out)]) == 0
+    assert {name: (out / name).read_bytes() for name in built} == built
+    assert (out / "curves.png").is_file() and (out / "bars.png").is_file()
+
+    assert run_grid(grid) == []  # all finished: nothing runs
+    toml.write_text(GRID_TOML.format(data=data, out=out).replace("rounds = 2", "rounds = 3"))
+    assert main(["benchmark", "--config", str(toml), "--no-progress"]) == 2
+    assert "finished with other settings" in capsys.readouterr().err
