@@ -12,6 +12,12 @@ randomized  Halko, Martinsson & Tropp (2011), Alg. 4.4 (randomized subspace iter
             with a QR after every product, then an exact SVD of the small Q^T M.
             Only needs products with M and M^T, so it runs on the factored operator
             (two skinny GEMMs per product) or on a dense matrix.
+krylov      block Golub-Kahan-Lanczos (block Krylov) on the operator: products with M
+            and M^T only (factored: two skinny GEMMs each; or a dense M), full
+            re-orthogonalisation, Rayleigh-Ritz on the projected matrix Q^T M P, and a
+            stopping rule on the Ritz residuals. Matches the exact truncation to a
+            stated tolerance or says that it did not (the caller then runs an exact
+            method); see :func:`krylov_svd`.
 dense       torch.linalg.svd of the dense matrix (the reference / FlexLoRA's way).
 
 Inputs are upcast to fp32 (fp64 stays fp64): QR and SVD have no 16-bit kernels and
@@ -19,7 +25,9 @@ would lose the small singular values anyway.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -129,3 +137,252 @@ def randomized_svd_dense(M: torch.Tensor, k: int, oversample: int, n_iter: int,
     Mt = M.transpose(-2, -1)
     return randomized_svd(lambda X: M @ X, lambda Y: Mt @ Y, tuple(M.shape), k, oversample, n_iter,
                           generators, M.dtype, M.device)
+
+
+# ------------------------------------------------------------------ block Krylov
+class FactoredOperator:
+    """M = B @ A for B [G, m, R] (column scales already folded in) and A [G, R, n].
+
+    Products cost 2 (m + n) R flops per column; the m x n matrix is never formed.
+    """
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor):
+        self.B, self.A = B, A
+        self.shape = (B.shape[0], B.shape[1], A.shape[2])
+        self.dtype, self.device = B.dtype, B.device
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.B @ (self.A @ X)
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.A.transpose(-2, -1) @ (self.B.transpose(-2, -1) @ Y)
+
+    def select(self, idx: torch.Tensor) -> FactoredOperator:
+        return FactoredOperator(self.B[idx], self.A[idx])
+
+
+class DenseOperator:
+    """M [G, m, n] held densely: 2 m n flops per column of a product."""
+
+    def __init__(self, M: torch.Tensor):
+        self.M = M
+        self.shape = tuple(M.shape)
+        self.dtype, self.device = M.dtype, M.device
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.M @ X
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.M.transpose(-2, -1) @ Y
+
+    def select(self, idx: torch.Tensor) -> DenseOperator:
+        return DenseOperator(self.M[idx])
+
+
+# The error estimate. To first order the kept product is the projection U_k U_k^T M, and
+# it differs from the exact truncation by the residuals' leakage into directions the
+# Krylov space has not captured yet: triplet i leaks ~ rho_i s_f^2 / (s_i^2 - s_f^2) into a
+# direction of singular value s_f, on top of its own backward error. So triplet i
+# (i <= k + 1: the kept ones and their neighbour) is charged
+#     e_i = min(rho_i (2 + s_f^2 / (s_i^2 - s_f^2)), 2 s_i)
+# (a triplet can be wrong by no more than twice its size), with s_f the Ritz value at
+# index min(d, max(2k, k + b)), and est = ||e||_2 / ||S_k||_2. Calibrated on 1024^2
+# spectra (power laws s_j = j^-p, p = 1 .. 0.02, linear, Marchenko-Pastur, summed client
+# updates; the record is in bench/NOTES_server.md): the true relative error of the
+# product stayed at 0.3 .. 0.8 x est wherever est < 3e-3, until fp32's floor (~1e-6).
+KRYLOV_LEAK_FLOOR = 2.0
+
+
+@dataclass
+class KrylovResult:
+    """Per-layer outcome of :func:`krylov_svd`; rows of layers that did not converge are zero."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    converged: list[bool]
+    dims: list[int]          # Krylov dimension (columns of P and of Q) when the layer stopped
+    estimates: list[float]   # the error estimate there (inf when never checked)
+
+
+def _extend_basis(basis: torch.Tensor | None, X: torch.Tensor):
+    """(N, C, L) with X = basis C + N L, N orthonormal and orthogonal to basis.
+
+    Classical Gram-Schmidt, then a QR, then a second pass on the *normalised* block:
+    when X lies (nearly) in span(basis) the first QR amplifies rounding noise to unit
+    columns, and only the second pass makes those orthogonal to the basis again.
+    """
+    if basis is None:
+        N, L = torch.linalg.qr(X)
+        return N, None, L
+    Bt = basis.transpose(-2, -1)
+    C = Bt @ X
+    N, L = torch.linalg.qr(X - basis @ C)
+    C2 = Bt @ N
+    N, L2 = torch.linalg.qr(N - basis @ C2)
+    return N, C + C2 @ L, L2 @ L
+
+
+# Per block step, ~20 small torch calls (QRs of b columns, slices, the bookkeeping):
+# ~0.2 ms on the 2-core dev CPU, i.e. ~2e7 GEMM flops. It decides the small layers.
+KRYLOV_STEP_OVERHEAD_FLOPS = 2e7
+
+
+def krylov_flops(m: int, n: int, dim: int, column_flops: float, block: int) -> float:
+    """GEMM-equivalent flops of :func:`krylov_svd` reaching Krylov dimension ``dim`` on one layer.
+
+    ``dim`` products with M and with M^T (``column_flops`` each per column), two
+    re-orthogonalisation passes on both sides (4 (m + n) dim^2), the Ritz checks
+    (fp64 eigh of d x d Gram matrices, ~30 d^3 GEMM-equivalent flops each: LAPACK's
+    tridiagonal reduction runs far below GEMM speed; the checks at d <= dim sum to
+    ~2 dim^3), and a fixed overhead per block step.
+    """
+    steps = -(-dim // block)
+    return 2 * dim * column_flops + 4 * (m + n) * dim**2 + 60 * dim**3 + KRYLOV_STEP_OVERHEAD_FLOPS * steps
+
+
+def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
+               generators: list[torch.Generator]) -> KrylovResult:
+    """Top-k singular triplets of the operator M [G, m, n] by block Golub-Kahan-Lanczos.
+
+    Algorithm (one block of b columns per step, all G layers in lockstep):
+      P_0 = orth(Omega), Omega [n, b] Gaussian from generators[g];
+      Y = M P_j,    Y = Q C + Q_j R_j    (orthogonalised against every earlier Q block);
+      X = M^T Q_j,  X = P C' + P_{j+1} L (against every earlier P block).
+    The coefficients fill the projected matrix Bm = Q^T M P (d x d, d = (j+1) b),
+    whose SVD Bm = U~ S V~^T gives the Ritz triplets u_i = Q u~_i, v_i = P v~_i.
+    Their residuals cost nothing: M v_i - s_i u_i = 0 (every M P block was
+    orthogonalised into Q) and ||M^T u_i - s_i v_i|| = ||L u~_i[last block]||.
+
+    Stopping rule: est <= tol, est the residual-based estimate of the kept product's
+    relative error described at KRYLOV_LEAK_FLOOR (the residuals rho_i of the kept
+    triplets and of their neighbour k+1, each weighted by how flat the spectrum past k
+    is: a flat tail leaks more). Under it the kept singular values and the kept product
+    U_k S_k V_k^T match the exact rank-k truncation to ``tol`` relative (2-norm of S,
+    Frobenius norm of the product), up to the truncation's own conditioning: fp32 data
+    resolve the rank-k truncation only to ~1e-7 s_1 / (s_k - s_{k+1}), as does a dense
+    fp32 SVD. With s_k = s_{k+1} exactly, any of the equally optimal truncations may
+    come back.
+
+    Iterations: block Lanczos theory (Saad 1980; Musco & Musco 2015) bounds the error
+    after j steps by ~exp(-2 j sqrt(s_k^2 / s_c^2 - 1)), s_c the largest singular value
+    whose direction the space has not captured yet (beyond the block: s_c <~ s_{k+b}).
+    So the steps grow as the spectrum past k flattens, like 1 / sqrt(s_k^2 / s_c^2 - 1);
+    the gap s_k / s_{k+1} alone matters little, because the neighbour k+1 converges
+    along with the kept triplets (measured counts: bench/NOTES_server.md). Checks (an
+    fp64 eigh of Bm Bm^T, O(d^3)) are spaced by the measured convergence rate.
+
+    Termination: at most ``max_dim`` columns (rounded down to whole blocks, and never
+    more than min(m, n)); a layer that has not met the rule by then, or whose estimate
+    stagnates at its working precision's floor, is returned with converged=False, and
+    the caller must compute it by an exact method. Never an unflagged approximation.
+    """
+    G, m, n = op.shape
+    dtype, device = op.dtype, op.device
+    short = min(m, n)
+    b = max(1, min(block, short))
+    d_cap = max(b, min(max_dim, short) // b * b)
+    d_need = min(k + 1, short)  # Ritz triplets the rule needs (the kept ones and their neighbour)
+    U_out = torch.zeros(G, m, k, dtype=dtype, device=device)
+    S_out = torch.zeros(G, k, dtype=dtype, device=device)
+    V_out = torch.zeros(G, n, k, dtype=dtype, device=device)
+    converged, dims, estimates = [False] * G, [0] * G, [math.inf] * G
+    history: list[list[tuple[int, float]]] = [[] for _ in range(G)]
+    active = list(range(G))
+
+    omega = torch.stack([torch.randn((n, b), generator=g, device=device, dtype=dtype) for g in generators])
+    # Every entry of Q, P and Bm[:d, :d] is written before it is read (Y steps fill the
+    # column blocks above the diagonal, X steps the row blocks up to it): no zero-fill.
+    Q = torch.empty(G, m, d_cap, dtype=dtype, device=device)
+    P = torch.empty(G, n, d_cap, dtype=dtype, device=device)
+    Bm = torch.empty(G, d_cap, d_cap, dtype=torch.float64, device=device)
+    P[:, :, :b] = torch.linalg.qr(omega)[0]
+    Qb, _, R = _extend_basis(None, op.matmul(P[:, :, :b]))
+    Q[:, :, :b] = Qb
+    Bm[:, :b, :b] = R.double()
+    d, next_check = b, d_need
+    while active:
+        X = op.rmatmul(Q[:, :, d - b:d])
+        Pn, C, L = _extend_basis(P[:, :, :d], X)
+        Bm[:, d - b:d, :d] = C.transpose(-2, -1).double()
+        last = d + b > d_cap
+        if d >= next_check or last:
+            done, next_check = _check(Bm[:, :d, :d], L, k, d, b, short, tol, last, history, active)
+            keep = [j for j in range(len(active)) if j not in done]
+            for j, (theta, Ut) in done.items():
+                g = active[j]
+                dims[g], estimates[g] = d, history[g][-1][1] if history[g] else math.inf
+                if theta is not None:
+                    converged[g] = True
+                    U_out[g], S_out[g], V_out[g] = _ritz(Q[j, :, :d], P[j, :, :d], Bm[j, :d, :d], theta, Ut, k)
+            if done:
+                if not keep:
+                    break
+                idx = torch.tensor(keep, device=device)
+                active = [active[j] for j in keep]
+                op, Q, P, Bm, Pn = op.select(idx), Q[idx], P[idx], Bm[idx], Pn[idx]
+        if last:
+            break
+        P[:, :, d:d + b] = Pn
+        Qn, C, R = _extend_basis(Q[:, :, :d], op.matmul(Pn))
+        Bm[:, :d, d:d + b] = C.double()
+        Bm[:, d:d + b, d:d + b] = R.double()
+        Q[:, :, d:d + b] = Qn
+        d += b
+    return KrylovResult(*fix_signs(U_out, S_out, V_out), converged, dims, estimates)
+
+
+def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int, tol: float, last: bool,
+           history: list, active: list[int]):
+    """Ritz values and residuals of every active layer; decides who stops and when to look next.
+
+    Returns ({position in active: (theta, U~) if converged else (None, None)}, next check
+    dimension). A layer stops unconverged when this is the last allowed step or when its
+    estimate fails to halve over two checks once below 1e-3 (stagnation at the rounding floor).
+    """
+    theta, Ut = torch.linalg.eigh(Bd @ Bd.transpose(-2, -1))
+    theta, Ut = theta.flip(-1).clamp_min(0), Ut.flip(-1)
+    s = theta.sqrt()
+    need = min(k + 1, d)
+    rho = (L.double() @ Ut[:, d - b:d, :need]).norm(dim=-2)  # [G, need]
+    s_i = s[:, :need]
+    s_f = s[:, min(d, max(2 * k, k + b)) - 1:][:, :1] if d > k + 1 else torch.zeros_like(s[:, :1])
+    leak = s_f**2 / (s_i**2 - s_f**2).clamp_min(torch.finfo(torch.float64).tiny)
+    e = torch.minimum(rho * (KRYLOV_LEAK_FLOOR + leak), 2 * s_i)
+    kept = s[:, :k].norm(dim=-1)
+    est = e.norm(dim=-1) / kept.clamp_min(torch.finfo(torch.float64).tiny)
+    est = torch.where(kept > 0, est, torch.zeros_like(est))  # M = 0: exact already
+    done, next_check = {}, d + b
+    for j, g in enumerate(active):
+        estimate = est[j].item()
+        hist = history[g]
+        hist.append((d, estimate))
+        if estimate <= tol and d >= min(k + 1, short):
+            done[j] = (theta[j], Ut[j])
+        elif last or (len(hist) >= 3 and estimate < 1e-3 and estimate > 0.5 * hist[-3][1]):
+            done[j] = (None, None)
+    # Next look: half-way to where the last two checks' geometric rate reaches tol.
+    ahead = []
+    for j, g in enumerate(active):
+        hist = history[g]
+        if j in done or len(hist) < 2 or not 0 < hist[-1][1] < hist[-2][1]:
+            continue
+        (d0, e0), (d1, e1) = hist[-2], hist[-1]
+        cols = (d1 - d0) * math.log(tol / e1) / math.log(e1 / e0)
+        ahead.append(cols / 2)
+    if ahead:
+        next_check = d + max(b, int(min(ahead)) // b * b)
+    return done, next_check
+
+
+def _ritz(Q: torch.Tensor, P: torch.Tensor, Bd: torch.Tensor, theta: torch.Tensor, Ut: torch.Tensor, k: int):
+    """(U, S, V) of one layer from its bases and the eigenpairs of Bm Bm^T (fp64)."""
+    s = theta[:k].sqrt()
+    if s[-1] <= 1e-6 * s[0] or s[0] == 0:
+        # Tiny or zero kept values: V~ = Bm^T U~ / s loses orthogonality; take the SVD of Bm.
+        Us, s, Vsh = torch.linalg.svd(Bd)
+        Uk, Vk, s = Us[:, :k], Vsh[:k].transpose(-2, -1), s[:k]
+    else:
+        Uk = Ut[:, :k]
+        Vk = (Bd.transpose(-2, -1) @ Uk) / s
+    return Q @ Uk.to(Q.dtype), s.to(Q.dtype), P @ Vk.to(P.dtype)

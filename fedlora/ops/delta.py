@@ -7,7 +7,8 @@ rank columns, so
 - :func:`lora_delta` forms dW as one GEMM over the packed rank axis (one Triton
   launch for a whole list of banks), never the per-client products;
 - :func:`lowrank_svd` gets the top-k triplets from the factors themselves
-  (exact QR-based, or randomized), without the m x n matrix unless it must.
+  (exact QR-based, block Krylov to a stated tolerance, or randomized when asked),
+  without the m x n matrix unless it is cheaper.
 
 Both are server-side (no autograd): inputs are read under ``torch.no_grad``.
 
@@ -19,6 +20,7 @@ Weights must be finite and >= 0.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -29,7 +31,7 @@ from fedlora.bank import AdapterBank
 
 from .checks import as_bank_list, check_finite, check_int, check_rank, per_bank_weights
 
-METHODS = ("auto", "factored", "randomized", "dense")
+METHODS = ("auto", "factored", "krylov", "randomized", "dense")
 
 
 # --------------------------------------------------------------------- pieces
@@ -76,32 +78,76 @@ def _run_grouped(banks: list[AdapterBank], weights: list[list[float]], work: tor
     return tuple(torch.stack([r[t] for r in results]) for t in range(3))
 
 
-# "auto" (bench/NOTES_server.md has the timings). Flop models, fitted on the 2-core dev CPU:
-#   factored  2 (m + n) R^2 + c R^3      two compact Householder QRs + the R x R core SVD
-#   dense     2 m n R + c m n min(m, n)   reconstruction + the full SVD
-# with c = 10 fitting the measured square ratios (1024 x 1024: dense / factored = 1.6 at
-# R = 0.75 min, 1.2 at 0.85, 1.03 at 0.94; crossover ~0.95 min). Oblong layers favour
-# factored more (1024 x 2752: 8.6x at R = 0.62 min).
-# Past R >= min(m, n) only dense or randomized remain; the randomized sketch is taken when
-# it is small (k + p <= min(m, n) / 8; at R = 1536, m = n = 1024 it was 3.8x faster than the
-# full SVD at k + p = 74, 2.6x at 128, only 1.2x at 256, not worth its approximation),
-# on whichever operator needs fewer flops: factored products cost (m + n) R per column,
-# dense ones m n per column plus the one-off reconstruction m n R.
-AUTO_SVD_FLOP_CONSTANT = 10.0
-AUTO_RANDOMIZED_MAX_SKETCH = 0.125
+# "auto" (bench/NOTES_server.md has the timings): the cheapest method that is exact, or
+# exact to ``tol`` (krylov), by a flop model in GEMM-equivalent flops fitted on the
+# 2-core dev CPU (Householder QR runs at ~1/3, LAPACK's SVD of an n x n matrix at
+# ~30 n^3 GEMM flops):
+#   factored  6 (m + n) R^2 + 30 R^3        two compact Householder QRs + the R x R core SVD
+#                                          (only while R < min(m, n))
+#   dense     2 m n R + 30 m n min(m, n)    reconstruction + the full SVD
+#   krylov    LR.krylov_flops at the predicted dimension d = max(5 k, 4 b) + b, on the
+#             factored operator (2 (m + n) R per product column) or on the reconstructed
+#             matrix (2 m n R once, then 2 m n per column), whichever is cheaper
+# The factored/dense pair keeps the measured crossover (R ~ 0.9..0.95 min(m, n) on square
+# layers). d = 5k + b is what summed client updates needed at k = 64 (224..320 at 1024^2
+# and 2048^2, 100 clients); small k still takes a few block steps (4b). A flatter
+# spectrum needs more, and the Krylov run is capped where its cost would pass the best
+# exact method's (then that method runs: at most ~2x the exact cost, never an
+# approximate answer).
+AUTO_SVD_FLOP_CONSTANT = 30.0
+AUTO_QR_FLOP_WEIGHT = 3.0
+KRYLOV_PREDICTED_DIM = 5
+KRYLOV_BLOCK = 32
 
 
-def _auto_method(R: int, m: int, n: int, rank: int, oversample: int, n_iter: int) -> str:
+def _exact_costs(R: int | None, m: int, n: int) -> dict[str, float]:
+    """Flops of the exact methods for one layer; R None: a dense matrix input (nothing to reconstruct)."""
     c, short = AUTO_SVD_FLOP_CONSTANT, min(m, n)
-    if R < short:
-        factored = 2 * (m + n) * R**2 + c * R**3
-        dense = 2 * m * n * R + c * m * n * short
-        return "factored" if factored < dense else "dense"
-    if rank + oversample > AUTO_RANDOMIZED_MAX_SKETCH * short:
-        return "dense"
-    products = 2 * n_iter + 2
-    return "randomized" if products * (m + n) * R <= m * n * R / (rank + oversample) + products * m * n \
-        else "randomized_dense"
+    costs = {"dense": (0 if R is None else 2 * m * n * R) + c * m * n * short}
+    if R is not None and R < short:
+        costs["factored"] = 2 * AUTO_QR_FLOP_WEIGHT * (m + n) * R**2 + c * R**3
+    return costs
+
+
+def _krylov_costs(R: int | None, m: int, n: int, dim: int, block: int) -> dict[str, float]:
+    """Flops of krylov_svd to dimension ``dim`` on each operator it can run on."""
+    costs = {"dense": (0 if R is None else 2 * m * n * R) + LR.krylov_flops(m, n, dim, 2 * m * n, block)}
+    if R is not None:
+        costs["factored"] = LR.krylov_flops(m, n, dim, 2 * (m + n) * R, block)
+    return costs
+
+
+def _predicted_dim(rank: int, block: int) -> int:
+    return max(KRYLOV_PREDICTED_DIM * rank, 4 * block) + block
+
+
+def _auto_method(R: int | None, m: int, n: int, rank: int, block: int = KRYLOV_BLOCK) -> str:
+    """"factored", "dense" or "krylov": the cheapest by the flop model above."""
+    exact = _exact_costs(R, m, n)
+    best_exact = min(exact, key=exact.get)
+    dim = _predicted_dim(rank, block)
+    if dim >= min(m, n):
+        return best_exact
+    return "krylov" if min(_krylov_costs(R, m, n, dim, block).values()) < exact[best_exact] else best_exact
+
+
+def _krylov_plan(R: int | None, m: int, n: int, rank: int, block: int) -> tuple[str, int]:
+    """(operator "factored" | "dense", Krylov dimension cap) for method "krylov".
+
+    The operator is the cheaper one at the predicted dimension; the cap is the largest
+    dimension whose Krylov cost stays under the best exact method's cost (at least
+    the predicted dimension, at most min(m, n)), so a run that must fall back has cost
+    at most about twice the exact method's.
+    """
+    short = min(m, n)
+    predicted = min(short, _predicted_dim(rank, block))
+    costs = _krylov_costs(R, m, n, predicted, block)
+    operator = min(costs, key=costs.get)
+    budget = min(_exact_costs(R, m, n).values())
+    cap = predicted
+    while cap + block <= short and _krylov_costs(R, m, n, cap + block, block)[operator] <= budget:
+        cap += block
+    return operator, cap
 
 
 def _generators(seed: int, layers, device: torch.device) -> list[torch.Generator]:
@@ -127,34 +173,53 @@ def lora_delta(bank, weights=None, *, dtype: torch.dtype | None = None) -> torch
     return out if batched else out[0]
 
 
-def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto", *,
-                oversample: int = 10, n_iter: int = 2, seed: int = 0):
+def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto", *, tol: float = 1e-4,
+                block: int = KRYLOV_BLOCK, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+                info: dict | None = None):
     """Top-``rank`` singular triplets (U [d_out, k], S [k], V [d_in, k]) of lora_delta(bank, weights).
 
     ``bank``: an AdapterBank, a list of them (outputs gain a leading [L] axis), or a
     dense matrix tensor [m, n] / [L, m, n] (then ``weights`` must be None and
-    ``method`` one of "auto", "randomized", "dense").
+    ``method`` one of "auto", "krylov", "randomized", "dense").
 
     methods
+      auto        the cheapest of "factored", "dense" and "krylov" by a flop model
+                  (rule and timings: bench/NOTES_server.md). Never approximate beyond
+                  ``tol``: S and the kept product U S V^T equal the exact rank-k
+                  truncation's to ``tol`` relative (exactly, to rounding, when it picks
+                  factored or dense). Where the stacked rank R reaches min(d_out, d_in)
+                  (FlexLoRA rounds of ~100 clients) this is krylov.
       factored    exact, from QR(B diag(d)), QR(A^T) and an SVD of the R x R core;
                   never allocates m x n. Valid while R = sum(ranks) < min(d_out, d_in).
-      randomized  Halko-Martinsson-Tropp subspace iteration with ``oversample`` extra
-                  columns and ``n_iter`` power iterations (QR between products), on the
-                  factored operator (banks) or the dense matrix (tensor input). Seeded:
-                  the same ``seed`` on the same device gives bit-identical results; layer l
-                  of a batch uses seed + l, so it equals a single call with that seed.
-                  Expected spectral error (HMT Cor. 10.10 plus the truncation term of
-                  Sec. 9.4), with p = oversample >= 2, q = n_iter:
+      krylov      block Golub-Kahan-Lanczos with ``block`` columns per step, on the
+                  factored operator (products with B diag(d) and A, never the m x n
+                  matrix) or on the matrix reconstructed by one GEMM, whichever the flop
+                  model says is cheaper; stops when a residual-based estimate of the kept
+                  product's relative error is <= ``tol`` (kernels/lowrank.py:krylov_svd).
+                  A layer that does not get there within a flop budget (a spectrum so flat
+                  past k that the iteration would cost more than an exact SVD, a tol below
+                  the working precision) is recomputed by the exact method ("factored" or
+                  "dense", the cheaper): the answer is always within ``tol``. The rank-k
+                  truncation must itself be well defined: s_k > s_{k+1} (fp32 resolves it
+                  to ~1e-7 s_1 / (s_k - s_{k+1}), like a dense fp32 SVD; with s_k = s_{k+1}
+                  any of the equally optimal truncations may come back).
+      randomized  approximate, only when asked for: Halko-Martinsson-Tropp subspace
+                  iteration with ``oversample`` extra columns and ``n_iter`` power
+                  iterations (QR between products), on the factored operator (banks) or
+                  the dense matrix (tensor input). Its expected spectral error (HMT Cor.
+                  10.10 plus the truncation term of Sec. 9.4), p = oversample >= 2, q = n_iter:
                     E||M - U S V^T|| <= s_{k+1} + [(1 + sqrt(k/(p-1))) s_{k+1}^(2q+1)
                                        + e sqrt(k+p)/p (sum_{j>k} s_j^(2(2q+1)))^(1/2)]^(1/(2q+1))
+                  which on flat spectra (sums of independent client updates) is far from
+                  the truncation: 7..29% relative error at k = 64, p = 10, q = 2 in
+                  bench/NOTES_server.md. No tolerance is checked.
       dense       torch.linalg.svd of the reconstructed matrix (the reference).
-      auto        exact unless R >= min(d_out, d_in): below it, factored or dense, whichever
-                  a measured flop model says is cheaper (factored up to R ~ 0.95 min(m, n) for
-                  square layers, further for oblong ones); at or above it, randomized when
-                  rank + oversample <= min(d_out, d_in) / 8 (on the factored operator or the
-                  reconstructed matrix, whichever costs fewer flops), else dense. For a dense
-                  matrix input: randomized under the same sketch-size condition, else dense.
-                  Rule and timings: bench/NOTES_server.md.
+
+    Seeds: krylov's start block and randomized's sketch draw from ``seed`` (layer l of
+    a batch uses seed + l, so it equals a single call with that seed); the same seed on
+    the same device gives bit-identical results. ``info``: a dict to fill with the
+    method used and, for krylov, each layer's operator, Krylov dimension, final
+    estimate and whether it converged (else the exact fallback ran).
 
     Computes in fp32 (fp64 banks in fp64); 16-bit factors are upcast. Signs are fixed
     so that the largest-magnitude entry of each U column is positive (V flips with it).
@@ -163,8 +228,13 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     oversample = check_int(oversample, "oversample", 0)
     n_iter = check_int(n_iter, "n_iter", 0)
+    block = check_int(block, "block", 1)
+    tol = _check_tol(tol)
+    if info is not None and not isinstance(info, dict):
+        raise ValueError(f"info must be a dict or None, got {type(info).__name__}")
+    info = {} if info is None else info
     if isinstance(bank, torch.Tensor):
-        return _lowrank_svd_dense_input(bank, weights, rank, method, oversample, n_iter, seed)
+        return _lowrank_svd_dense_input(bank, weights, rank, method, tol, block, oversample, n_iter, seed, info)
     banks, batched = as_bank_list(bank)
     m, n = banks[0].d_out, banks[0].d_in
     rank = check_rank(rank, m, n)
@@ -174,30 +244,64 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
     if method == "factored" and R_max >= min(m, n):
         raise ValueError(
             f"method='factored' needs R = sum of ranks < min(d_out, d_in) = {min(m, n)}, but a bank has "
-            f"R = {R_max}; use method='dense' (exact) or 'randomized', or 'auto' to choose"
+            f"R = {R_max}; use method='dense' or 'krylov', or 'auto' to choose"
         )
     if method == "auto":
-        method = _auto_method(R_max, m, n, rank, oversample, n_iter)
+        method = _auto_method(R_max, m, n, rank, block)
+    info["method"] = method
     work = LR.work_dtype(banks[0].dtype)
     with torch.no_grad():
-        if method in ("factored", "randomized"):
-            if method == "factored":
-                U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.factored_svd(B, A, rank))
-            else:
-                U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.randomized_svd_factored(
-                    B, A, rank, oversample, n_iter, _generators(seed, idx, B.device)))
+        if method == "factored":
+            U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.factored_svd(B, A, rank))
+        elif method == "randomized":
+            U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.randomized_svd_factored(
+                B, A, rank, oversample, n_iter, _generators(seed, idx, B.device)))
+        elif method == "krylov":
+            layers: list = [None] * len(banks)
+            U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: _krylov_group(
+                idx, B, A, B.shape[-1], rank, tol, block, seed, layers))
+            info["krylov"] = layers
         else:
             B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
-            dense = reconstruct(B_cat, A_cat, col_scale, layer_ranks, work)
-            if method == "dense":
-                U, S, V = LR.dense_svd(dense, rank)
-            else:  # "randomized_dense", chosen by auto
-                gens = _generators(seed, range(len(banks)), dense.device)
-                U, S, V = LR.randomized_svd_dense(dense, rank, oversample, n_iter, gens)
+            U, S, V = LR.dense_svd(reconstruct(B_cat, A_cat, col_scale, layer_ranks, work), rank)
     return (U, S, V) if batched else (U[0], S[0], V[0])
 
 
-def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, oversample, n_iter, seed):
+def _check_tol(tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
+    return float(tol)
+
+
+def _krylov_group(idx: list[int], B: torch.Tensor | None, A: torch.Tensor | None, R: int | None, rank: int,
+                  tol: float, block: int, seed: int, layers: list, M: torch.Tensor | None = None):
+    """krylov_svd of one group (factors B [G, m, R], A [G, R, n], or a dense M [G, m, n] with R None).
+
+    Layers that do not converge are recomputed exactly (factored or dense, the cheaper);
+    ``layers[i]`` records what happened to layer idx[...] = i.
+    """
+    G, m, n = (B.shape[0], B.shape[1], A.shape[2]) if M is None else tuple(M.shape)
+    operator, cap = _krylov_plan(R, m, n, rank, block)
+    if operator == "dense" and M is None:
+        M = B @ A  # one GEMM: cheaper than factored products over the whole run
+    op = LR.DenseOperator(M) if operator == "dense" else LR.FactoredOperator(B, A)
+    device = op.device
+    res = LR.krylov_svd(op, rank, tol=tol, block=block, max_dim=cap, generators=_generators(seed, idx, device))
+    U, S, V = res.U, res.S, res.V
+    exact = _exact_costs(R, m, n)
+    for j, layer in enumerate(idx):
+        layers[layer] = {"operator": operator, "dim": res.dims[j], "estimate": res.estimates[j],
+                         "converged": res.converged[j]}
+        if not res.converged[j]:
+            if exact.get("factored", math.inf) < exact["dense"]:
+                u, s, v = LR.factored_svd(B[j:j + 1], A[j:j + 1], rank)
+            else:
+                u, s, v = LR.dense_svd(M[j:j + 1] if M is not None else B[j:j + 1] @ A[j:j + 1], rank)
+            U[j], S[j], V[j] = u[0], s[0], v[0]
+    return U, S, V
+
+
+def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, tol, block, oversample, n_iter, seed, info):
     if weights is not None:
         raise ValueError("weights apply to adapter banks; a dense matrix input takes weights=None")
     if M.dim() not in (2, 3):
@@ -206,18 +310,25 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, oversample,
         raise ValueError(f"a dense matrix input must be a float tensor, got {M.dtype}")
     if method == "factored":
         raise ValueError("method='factored' needs an AdapterBank (the factors); for a dense matrix use "
-                         "'dense', 'randomized' or 'auto'")
+                         "'dense', 'krylov', 'randomized' or 'auto'")
     m, n = M.shape[-2:]
     rank = check_rank(rank, m, n)
     if not torch.isfinite(M).all():
         raise ValueError("the dense matrix holds NaN or Inf")
     batch = M if M.dim() == 3 else M.unsqueeze(0)
     if method == "auto":
-        method = "dense" if rank + oversample > AUTO_RANDOMIZED_MAX_SKETCH * min(m, n) else "randomized"
+        method = _auto_method(None, m, n, rank, block)
+    info["method"] = method
     with torch.no_grad():
+        work = batch.to(LR.work_dtype(batch.dtype))
         if method == "dense":
-            U, S, V = LR.dense_svd(batch, rank)
+            U, S, V = LR.dense_svd(work, rank)
+        elif method == "krylov":
+            layers: list = [None] * work.shape[0]
+            U, S, V = _krylov_group(list(range(work.shape[0])), None, None, None, rank, tol, block, seed, layers,
+                                    M=work)
+            info["krylov"] = layers
         else:
             gens = _generators(seed, range(batch.shape[0]), M.device)
-            U, S, V = LR.randomized_svd_dense(batch, rank, oversample, n_iter, gens)
+            U, S, V = LR.randomized_svd_dense(work, rank, oversample, n_iter, gens)
     return (U, S, V) if M.dim() == 3 else (U[0], S[0], V[0])

@@ -31,8 +31,9 @@ A client asking for more rank than K gets the K triplets plus rows of a fresh
 seeded lora_A and zero columns of B, so its product is still U_K S_K V_K^T.
 SVD method (``svd_method``): "exact" (default) is lowrank_svd's "factored" while
 the round's total rank is below min(d_out, d_in) and "dense" otherwise, so the
-client factors are the best approximation to fp32 rounding; "auto" or
-"randomized" trade that for speed (a seeded randomized SVD when R is large).
+client factors are the best approximation to fp32 rounding; "auto" is
+lowrank_svd's cheapest method that is exact to its tol (1e-4 relative on the kept
+product: block Krylov when R is large); "randomized" trades accuracy for speed.
 Before the first aggregation dW = 0 and clients get fresh LoRA (seeded A, B = 0).
 
 Server optimizers (``server_opt``, :mod:`fedlora.strategies.server_opt`) act in weight space:
