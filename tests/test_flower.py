@@ -61,7 +61,9 @@ def flower_run(settings: dict, grid_kw: dict | None = None, before_train=None):
 
 RUNS = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {}, "rolora": {},
         "fedavg": {"strategy_options": {"heterogeneous": "bucket"}},
-        "flora-nf4": {"quantization": "nf4"}}  # FLoRA's global update beside a 4-bit base on every node
+        "flora-nf4": {"quantization": "nf4"},  # FLoRA's global update beside a 4-bit base on every node
+        # FedEx-LoRA needs one rank; its residual goes to the nodes as factors, beside a 4-bit base
+        "fedexlora-nf4": {"quantization": "nf4", "client_ranks": [8, 8, 8]}}
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -75,7 +77,8 @@ def test_in_process_run_equals_simulate(run, dataset, tmp_path):
     worst = assert_same_global(wrapper.strategy, reference.strategy)
     print(f"{run}: max relative difference of the global deltas {worst:.1e}")
     for got, want in zip(wrapper.history, reference.metrics, strict=True):
-        for key in ("round", "clients", "ranks", "trained_ranks", "accepted", "rejected", "bytes_up", "bytes_down"):
+        for key in ("round", "clients", "ranks", "trained_ranks", "accepted", "rejected", "bytes_up", "bytes_down",
+                    "bytes_down_global"):
             assert got[key] == want[key], key
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
         assert got["missing"] == {} and got["state_changed"]

@@ -118,6 +118,7 @@ STRATEGY_ARGS = {
     "flexlora": ["--export_rank", "4"],
     "flora": ["--export_rank", "4"],  # its delta has rank up to the sum of the round's ranks: truncation matters
     "rolora": [],
+    "fedexlora": ["--rank_distribution", "homogeneous"],  # one rank (8): the residual completes one average
 }
 
 
@@ -138,6 +139,9 @@ def test_cli_run_per_strategy(strategy, tmp_path, capsys):
         assert 0.0 <= m["eval_heldout_rougeL"] <= 1.0 and 0.0 <= m["eval_unseen_rougeL"] <= 1.0
         assert m["state_changed"] and not m["rejected"] and len(m["accepted"]) == 4
         assert m["bytes_up"] > 0 and m["bytes_down"] > 0
+    # the rule's client_base sent along: FLoRA's accumulated update, FedEx-LoRA's residual, from round 1 on
+    sends_base = strategy in ("flora", "fedexlora")
+    assert [m["bytes_down_global"] > 0 for m in metrics] == [False, sends_base, sends_base]
     losses = [m["train_loss"] for m in metrics]
     assert losses[-1] < losses[0], losses
     assert metrics[-1]["eval_heldout_loss"] < metrics[0]["eval_heldout_loss"]

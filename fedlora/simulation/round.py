@@ -136,8 +136,11 @@ def trained_update(cfg: SimConfig, fm: FederatedModel, k: int, client: ClientDat
 # ------------------------------------------------------------------ records
 def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], trained_ranks: Sequence[int],
                  updates: Sequence[ClientUpdate], result: AggregationResult, rejected: Mapping[str, str],
-                 bytes_up: int, bytes_down: int) -> dict:
+                 bytes_up: int, bytes_down: int, bytes_down_global: int = 0) -> dict:
     """The metrics line of a round (metrics.jsonl), the same keys in simulate and on Flower.
+
+    bytes_down counts the factors each client gets, bytes_down_global the rule's ``client_base()``
+    parts sent along to every sampled client (FLoRA's accumulated update, FedEx-LoRA's residual).
 
     train_loss is the mean of the accepted clients' training losses weighted by their examples.
     ``rejected`` holds the reasons found before aggregation; the rule's own rejections are added.
@@ -156,6 +159,7 @@ def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], t
         "train_loss": float(np.average(losses, weights=weights)) if accepted else float("nan"),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
+        "bytes_down_global": bytes_down_global,
     }
 
 
@@ -200,7 +204,7 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
         updates.append(update)
     result = strategy.aggregate(updates, served=served_ranks(ids, starts))
     record = round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,
-                          bytes_up, bytes_down)
+                          bytes_up, bytes_down, base_bytes(base) * len(sampled))
     served = {c: served_rank(f) for c, f in zip(ids, starts)}
     pruned = {u.client_id: u.rank for u in updates if u.rank != served[u.client_id]}
     if pruned:

@@ -71,7 +71,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     strategy = make_strategy(cfg, fm.module_shapes, ranks, run.device)
     checkpoints = Checkpoints(out)
     metrics: list[dict] = []
-    totals = {"bytes_up": 0, "bytes_down": 0}
+    totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
     client_state: dict[str, dict] = {}  # each client's own memory across rounds (the rule's client-side hooks)
     start_round = 0
     if cfg.resume:
@@ -83,7 +83,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
                         if saved.get(k) != now.get(k)}
                 raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
                                  f"(name: (checkpoint, now)): {diff}")
-            start_round, metrics, totals = state["next_round"], state["metrics"], state["totals"]
+            start_round, metrics, totals = state["next_round"], state["metrics"], {**totals, **state["totals"]}
             client_state = state.get("client_state", {})
             rank_of.update(state.get("client_ranks", {}))
             log.info("resuming at round %d from %s", start_round, out)
@@ -114,8 +114,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         rank_of.update(record.get("self_pruned", {}))  # a client that pruned its rank trains at it from now on
         if steps_bar is not None:
             steps_bar.close()
-        totals["bytes_up"] += record["bytes_up"]
-        totals["bytes_down"] += record["bytes_down"]
+        for key in totals:
+            totals[key] += record[key]
         if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
             record.update(evaluate_global(fm, strategy, heldout, unseen, pad_id, tokenizer, rouge_sets,
                                           cfg.max_new_tokens))

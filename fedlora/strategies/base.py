@@ -547,6 +547,14 @@ class TruncatedFactors(Strategy):
         return out
 
 
+def mixed_client_ranks(module_ranks: Sequence[Mapping[str, int]]) -> list[int] | None:
+    """The clients' distinct ranks when they do not all train every module at one rank, else None
+    (for the rules that need one rank per module: FedAvg, FedEx-LoRA)."""
+    if len({tuple(sorted(m.items())) for m in module_ranks}) > 1:
+        return sorted({max(m.values()) for m in module_ranks})
+    return None
+
+
 # A factor a client keeps frozen comes back through its model's dtype (bf16 on a GPU): bf16 keeps 8
 # significant bits, so rounding to nearest moves a value by at most 2^-8 of its magnitude.
 FROZEN_RTOL = 2.0 ** -8

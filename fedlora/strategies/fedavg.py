@@ -12,7 +12,7 @@ effect" baseline: every client trains at the smallest rank R (pass it to
 """
 from __future__ import annotations
 
-from .base import TruncatedFactors, padded_factor_average
+from .base import TruncatedFactors, mixed_client_ranks, padded_factor_average
 
 
 class FedAvg(TruncatedFactors):
@@ -29,9 +29,8 @@ class FedAvg(TruncatedFactors):
         return min(ranks)
 
     def check_client_ranks(self, module_ranks):
-        distinct = {tuple(sorted(m.items())) for m in module_ranks}
-        if len(distinct) > 1 and self.heterogeneous != "bucket":
-            ranks = sorted({max(m.values()) for m in module_ranks})
+        ranks = mixed_client_ranks(module_ranks)
+        if ranks and self.heterogeneous != "bucket":
             raise ValueError(
                 f"FedAvg averages A and B separately, so every client needs one rank per module, but the "
                 f"ranks are {ranks}; use rank_distribution='homogeneous' or "

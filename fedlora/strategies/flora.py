@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Strategy, merge_parts, stack_products
+from .base import Strategy, merge_parts
+from .parts import add_parts, get_parts, init_parts
 
 
 class FLoRA(Strategy):
@@ -42,11 +43,10 @@ class FLoRA(Strategy):
     server_opt_space = "delta"
 
     def _init_state(self) -> None:
+        init_parts(self._tensors, self.module_shapes, "", self.dtype, self.device)
         for name, (d_out, d_in) in self.module_shapes.items():
-            # `dense` stays empty (shape [0]) until a stack first outgrows it: no d_out x d_in zeros
-            for key, shape in (("dense", (0,)), ("A", (0, d_in)), ("B", (d_out, 0)),
-                               ("round_A", (0, d_in)), ("round_B", (d_out, 0))):
-                self._tensors[f"{name}.{key}"] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._tensors[f"{name}.round_A"] = torch.zeros(0, d_in, dtype=self.dtype, device=self.device)
+            self._tensors[f"{name}.round_B"] = torch.zeros(d_out, 0, dtype=self.dtype, device=self.device)
 
     def _distribute(self, ranks, alphas, client_id):
         # Fresh LoRA each round; a client's A depends on (seed, round, client, module) only.
@@ -64,22 +64,9 @@ class FLoRA(Strategy):
 
     def _apply_step(self, steps, updates):
         """D += step: its factors appended to the stack, its dense part (if any) added into ``dense``."""
-        full = []  # stacks that outgrew a dense matrix: added into `dense`, batched per shape
-        for name, (d_out, d_in) in self.module_shapes.items():
-            step_dense, round_A, round_B = steps[name]
-            self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"] = round_A, round_B
-            if step_dense is not None:
-                self._tensors[f"{name}.dense"] = self._dense(name) + step_dense.to(self.dtype)
-            A = torch.cat([self._tensors[f"{name}.A"], round_A], dim=0)
-            B = torch.cat([self._tensors[f"{name}.B"], round_B], dim=1)
-            if A.shape[0] * (d_out + d_in) > d_out * d_in:
-                full.append(name)
-            self._tensors[f"{name}.A"], self._tensors[f"{name}.B"] = A, B
-        stacks = {n: (self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in full}
-        for name, delta in stack_products(stacks).items():
-            self._tensors[f"{name}.dense"] = self._dense(name) + delta.to(self.dtype)
-            self._tensors[f"{name}.A"] = self._tensors[f"{name}.A"][:0].contiguous()
-            self._tensors[f"{name}.B"] = self._tensors[f"{name}.B"][:, :0].contiguous()
+        for name in self.module_shapes:
+            _, self._tensors[f"{name}.round_A"], self._tensors[f"{name}.round_B"] = steps[name]
+        add_parts(self._tensors, self.module_shapes, "", steps)
 
     def client_base(self, client_id=None):
         """Per module (dense or None, A_stack [R, d_in], B_stack [d_out, R]): D = dense + B_stack A_stack.
@@ -92,8 +79,7 @@ class FLoRA(Strategy):
         self._require_init()
         if self.round == 0:
             return None
-        return {n: (self._tensors[f"{n}.dense"] if self._tensors[f"{n}.dense"].dim() == 2 else None,
-                    self._tensors[f"{n}.A"], self._tensors[f"{n}.B"]) for n in self.module_shapes}
+        return {n: self._parts(n) for n in self.module_shapes}
 
     def round_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The last round's stacked (A [R, d_in], B [d_out, R]) with B A = dW of that round (with a
@@ -112,10 +98,4 @@ class FLoRA(Strategy):
         return merge_parts({n: self._parts(n) for n in self.module_shapes})
 
     def _parts(self, name: str):
-        dense = self._tensors[f"{name}.dense"]
-        return (dense if dense.dim() == 2 else None, self._tensors[f"{name}.A"], self._tensors[f"{name}.B"])
-
-    def _dense(self, name: str) -> torch.Tensor:
-        dense = self._tensors[f"{name}.dense"]
-        return dense if dense.dim() == 2 else torch.zeros(self.module_shapes[name], dtype=self.dtype,
-                                                           device=self.device)
+        return get_parts(self._tensors, name, "")

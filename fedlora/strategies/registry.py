@@ -17,11 +17,12 @@ from .fedavg import FedAvg
 from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .fedexlora import FedExLoRA
 from .hetlora import HetLoRA
 from .rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FFALoRA, HetLoRA, FlexLoRA, FLoRA,
-                                                                   RoLoRA)}
+                                                                   RoLoRA, FedExLoRA)}
 
 # Settings every run passes itself (from SimConfig), so they are not strategy_options.
 RUN_SETTINGS = ("use_rslora", "seed", "dtype", "device")

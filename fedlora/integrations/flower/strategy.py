@@ -85,7 +85,7 @@ class FedLoRAStrategy(FlowerStrategy):
         self.profiles: dict[int, NodeProfile] = {}  # node id -> profile
         self.node_errors: dict[int, str] = {}  # nodes left out of the run, with the reason
         self.history: list[dict] = []  # one record per round, as simulate's metrics.jsonl
-        self.totals = {"bytes_up": 0, "bytes_down": 0}
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
         self._sent: dict[int, tuple[NodeProfile, int]] = {}  # this round: node id -> (profile, served rank)
         self._served: dict[str, dict[str, int]] = {}  # this round: client id -> module -> rank sent
         self._round: dict = {}
@@ -184,9 +184,10 @@ class FedLoRAStrategy(FlowerStrategy):
         sent = sorted(self._sent.values(), key=lambda v: v[0].client_index)
         self.totals["bytes_up"] += bytes_up
         self.totals["bytes_down"] += info["bytes_down"]
+        self.totals["bytes_down_global"] += info["bytes_down_global"]
         record = round_record(info["round"], [p.client_id for p, _ in sent], [p.rank for p, _ in sent],
                               [served for _, served in sent], updates, result, rejected, bytes_up,
-                              info["bytes_down"])
+                              info["bytes_down"], info["bytes_down_global"])
         rejected, train_loss = record["rejected"], record["train_loss"]
         pruned = {u.client_id: u.rank for u in updates if u.rank != self._served_of(u.client_id)}
         if pruned:
@@ -195,7 +196,6 @@ class FedLoRAStrategy(FlowerStrategy):
             "available": info["available"],  # clients whose node was connected (simulate samples from them)
             "nodes": {p.client_id: p.node_id for p, _ in sent},
             "missing": missing,
-            "bytes_down_global": info["bytes_down_global"],
             "payload_bytes_up": payload_up,
             "payload_bytes_down": info["payload_bytes_down"],
             "wall_time_s": round(time.perf_counter() - info["started"], 3),
