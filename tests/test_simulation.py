@@ -119,6 +119,7 @@ STRATEGY_ARGS = {
     "flora": ["--export_rank", "4"],  # its delta has rank up to the sum of the round's ranks: truncation matters
     "rolora": [],
     "fedexlora": ["--rank_distribution", "homogeneous"],  # one rank (8): the residual completes one average
+    "fedsvd": [],
 }
 
 

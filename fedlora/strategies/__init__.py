@@ -3,11 +3,12 @@ from . import registry
 from .base import AggregationResult, Strategy
 from .fedavg import FedAvg
 from .fedexlora import FedExLoRA
+from .fedsvd import FedSVD
 from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_norm
 from .rolora import RoLoRA
 
-__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FlexLoRA", "HetLoRA", "RoLoRA", "Strategy",
+__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FedSVD", "FlexLoRA", "HetLoRA", "RoLoRA", "Strategy",
            "rank_self_pruning_penalty", "registry", "self_pruned_rank", "tail_norm"]

@@ -539,6 +539,20 @@ class TruncatedFactors(Strategy):
     def _server_params(self) -> list[str]:
         return [f"{name}.{factor}" for name in self.module_shapes for factor in self.uploaded_at(self.round)]
 
+    def _frozen_reason(self, update: ClientUpdate, factor: str, what: str) -> str | None:
+        """Why ``update`` is rejected when its ``factor`` ("A" or "B") is not the one this rule sent the
+        client (rules that freeze it: FFA-LoRA, FedSVD, RoLoRA), 16-bit rounding allowed; else None.
+        ``what`` names the factor sent in the reason."""
+        for name, (a, b, _) in update.modules.items():
+            r = a.shape[0]
+            if factor == "A":
+                changed = frozen_changed(a, self._tensors[f"{name}.A"][:r])
+            else:
+                changed = frozen_changed(b, self._tensors[f"{name}.B"][:, :r] / update.scaling(name))
+            if changed:
+                return f"{name}: {factor} differs from {what}"
+        return None
+
     def _distribute(self, ranks, alphas, client_id):
         out = {}
         for n, r in ranks.items():

@@ -13,7 +13,7 @@ Updates whose A differs from A_0[:r] (beyond the rounding of a 16-bit model copy
 """
 from __future__ import annotations
 
-from .base import TruncatedFactors, frozen_changed, padded_factor_average
+from .base import TruncatedFactors, padded_factor_average
 
 
 class FFALoRA(TruncatedFactors):
@@ -21,10 +21,7 @@ class FFALoRA(TruncatedFactors):
     trainable = ("B",)
 
     def _check_update(self, update) -> str | None:
-        for name, (a, _, _) in update.modules.items():
-            if frozen_changed(a, self._tensors[f"{name}.A"][: a.shape[0]]):
-                return f"{name}: A differs from the frozen shared A (FFA-LoRA trains B only)"
-        return None
+        return self._frozen_reason(update, "A", "the frozen shared A (FFA-LoRA trains B only)")
 
     def _aggregate(self, updates, weights):
         for name in self.module_shapes:

@@ -14,15 +14,16 @@ from typing import Any
 from . import server_opt
 from .base import Strategy
 from .fedavg import FedAvg
+from .fedexlora import FedExLoRA
+from .fedsvd import FedSVD
 from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
-from .fedexlora import FedExLoRA
 from .hetlora import HetLoRA
 from .rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FFALoRA, HetLoRA, FlexLoRA, FLoRA,
-                                                                   RoLoRA, FedExLoRA)}
+                                                                   RoLoRA, FedExLoRA, FedSVD)}
 
 # Settings every run passes itself (from SimConfig), so they are not strategy_options.
 RUN_SETTINGS = ("use_rslora", "seed", "dtype", "device")

@@ -23,7 +23,7 @@ whose frozen factor moved is rejected.
 """
 from __future__ import annotations
 
-from .base import TruncatedFactors, frozen_changed, padded_factor_average
+from .base import TruncatedFactors, padded_factor_average
 
 
 class RoLoRA(TruncatedFactors):
@@ -33,14 +33,10 @@ class RoLoRA(TruncatedFactors):
         return ("B",) if round_idx % 2 == 0 else ("A",)
 
     def _check_update(self, update) -> str | None:
-        trained = self.trainable_at(self.round)
-        for name, (a, b, alpha) in update.modules.items():
-            r = a.shape[0]
-            if "B" in trained and frozen_changed(a, self._tensors[f"{name}.A"][:r]):
-                return f"{name}: A differs from the global A; RoLoRA round {self.round} trains B only"
-            if "A" in trained and frozen_changed(b, self._tensors[f"{name}.B"][:, :r] / update.scaling(name)):
-                return f"{name}: B differs from the global B; RoLoRA round {self.round} trains A only"
-        return None
+        frozen = "A" if self.trainable_at(self.round) == ("B",) else "B"
+        trained = "B" if frozen == "A" else "A"
+        return self._frozen_reason(update, frozen, f"the global {frozen}; RoLoRA round {self.round} trains "
+                                                   f"{trained} only")
 
     def _aggregate(self, updates, weights):
         w = weights.tolist()
