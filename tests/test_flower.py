@@ -59,7 +59,7 @@ def flower_run(settings: dict, grid_kw: dict | None = None, before_train=None):
     return run_server(grid, cfg, FAST), grid
 
 
-RUNS = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {}, "rolora": {}, "fedsvd": {},
+RUNS = {"flexlora": {}, "flora": {}, "hetlora": {}, "ffalora": {}, "rolora": {}, "fedsvd": {}, "lorafair": {},
         "fedavg": {"strategy_options": {"heterogeneous": "bucket"}},
         "flora-nf4": {"quantization": "nf4"},  # FLoRA's global update beside a 4-bit base on every node
         # FedEx-LoRA needs one rank; its residual goes to the nodes as factors, beside a 4-bit base

@@ -120,6 +120,7 @@ STRATEGY_ARGS = {
     "rolora": [],
     "fedexlora": ["--rank_distribution", "homogeneous"],  # one rank (8): the residual completes one average
     "fedsvd": [],
+    "lorafair": [],
 }
 
 

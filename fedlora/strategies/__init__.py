@@ -8,7 +8,8 @@ from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_norm
+from .lorafair import LoRAFAIR
 from .rolora import RoLoRA
 
-__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FedSVD", "FlexLoRA", "HetLoRA", "RoLoRA", "Strategy",
+__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FedSVD", "FlexLoRA", "HetLoRA", "LoRAFAIR", "RoLoRA", "Strategy",
            "rank_self_pruning_penalty", "registry", "self_pruned_rank", "tail_norm"]
