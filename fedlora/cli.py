@@ -17,7 +17,11 @@ def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"fedlora simulate: {exc}", file=sys.stderr)
         return 2
-    result = simulate(cfg)
+    try:
+        result = simulate(cfg)
+    except ValueError as exc:  # a setting, file or checkpoint the run cannot use: one line naming it
+        print(f"fedlora simulate: {exc}", file=sys.stderr)
+        return 2
     last = result.metrics[-1] if result.metrics else {}
     print(f"done: {len(result.metrics)} rounds, metrics {result.output_dir / 'metrics.jsonl'}, "
           f"plot {result.output_dir / 'metrics.png'}, adapter {result.adapter_dir}")

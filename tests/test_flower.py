@@ -5,6 +5,7 @@ missing nodes, bytes accounting, the run config, the example app and the CLI hel
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -44,7 +45,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-FAST = FlowerSettings(node_wait_s=1.0, round_timeout_s=30.0)
+FAST = FlowerSettings(node_wait_s=1.0, node_start_timeout_s=1.0, round_timeout_s=30.0)
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +179,48 @@ def test_failed_and_lost_nodes_are_missing_and_the_round_goes_on(dataset, tmp_pa
     assert "node 1001 failed" in second["missing"]["user1"] and "out of memory" in second["missing"]["user1"]
 
 
+def test_a_node_that_profiles_late_joins_the_next_round(dataset, tmp_path, caplog):
+    """Node 1002's ClientApp starts slower than node_start_timeout_s: round 0 goes on without it; its
+    profile arrives during round 0 (released when node 1000 trains) and it trains from round 1."""
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora", rounds=3))
+    grid = None
+
+    def slow_start_ends(context, task):
+        if context.node_id == 1000 and task.round == 0:
+            grid.release(1002)
+
+    grid = LocalGrid(client_app(cfg, before_train=slow_start_ends), 3, hold={1002})
+    with caplog.at_level("WARNING", logger="fedlora.flower"):
+        wrapper = run_server(grid, cfg, FAST)
+    assert [m["clients"] for m in wrapper.history] == [["user0", "user1"], ["user0", "user1", "user2"],
+                                                        ["user0", "user1", "user2"]]
+    assert all(m["state_changed"] and not m["rejected"] and not m["missing"] for m in wrapper.history)
+    assert wrapper.node_errors == {} and sorted(wrapper.profiles) == [1000, 1001, 1002]
+    console = [r.getMessage() for r in caplog.records]
+    assert "node 1002 left out: no profile reply within 1 s; it joins the first round after it answers" in console
+    assert "node 1002 answered its profile query late; it joins from the next round" in console
+    nodes = json.loads((tmp_path / "nodes.json").read_text())
+    assert nodes["left_out"] == {} and nodes["nodes"]["1002"]["client_id"] == "user2"
+
+
+def test_a_node_that_never_profiles_is_reported_on_the_console(dataset, tmp_path, caplog):
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora", rounds=1))
+    with caplog.at_level("WARNING", logger="fedlora.flower"):
+        wrapper = run_server(LocalGrid(client_app(cfg), 3, hold={1001}), cfg, FAST)
+    assert wrapper.node_errors == {1001: "no profile reply"}
+    assert wrapper.history[0]["clients"] == ["user0", "user2"]
+    console = [r.getMessage() for r in caplog.records]
+    assert "fedlora on Flower: 1 node(s) left out of the run: node 1001: no profile reply" in console
+    assert json.loads((tmp_path / "nodes.json").read_text())["left_out"] == {"1001": "no profile reply"}
+
+
 def test_a_node_lost_after_its_profile_is_missing(dataset, tmp_path):
     class LoseNode(LocalGrid):
-        def send_and_receive(self, messages, *, timeout=None):
+        def push_messages(self, messages):
             messages = list(messages)
             if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
                 self.drop = {1001}
-            return super().send_and_receive(messages, timeout=timeout)
+            return super().push_messages(messages)
 
     cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora", rounds=1))
     wrapper = run_server(LoseNode(client_app(cfg), 3), cfg, FAST)
@@ -196,12 +232,11 @@ def test_a_node_lost_after_its_profile_is_missing(dataset, tmp_path):
 def test_a_restarted_node_takes_its_client_back(dataset, tmp_path):
     """Node 1001 goes away after round 0; its client's SuperNode comes back as node 1003."""
     class Restart(LocalGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            messages = list(messages)
+        def get_node_ids(self):
             if len(self.sent) >= 6 and 1001 in self.contexts:  # 3 profiles + round 0's 3 train messages
                 self.contexts[1003] = self.contexts.pop(1001)
                 self.contexts[1003].node_id = 1003
-            return super().send_and_receive(messages, timeout=timeout)
+            return super().get_node_ids()
 
     cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora"))
     wrapper = run_server(Restart(client_app(cfg), 3), cfg, FAST)
@@ -209,6 +244,26 @@ def test_a_restarted_node_takes_its_client_back(dataset, tmp_path):
     assert first["nodes"]["user1"] == 1001 and second["nodes"]["user1"] == 1003
     assert first["accepted"] == second["accepted"] == ["user0", "user1", "user2"]
     assert sorted(wrapper.profiles) == [1000, 1002, 1003] and wrapper.node_errors == {}
+
+
+def test_a_round_stops_waiting_for_a_node_that_left(dataset, tmp_path):
+    """Node 1001 leaves the federation (its SuperNode is stopped) right after round 0's work is pushed:
+    no reply can come, so the round ends without waiting out its timeout (here: none, it would hang)."""
+    class Leave(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+                self.drop = {1001}
+                ids = super().push_messages(messages)
+                self.contexts.pop(1001)
+                return ids
+            return super().push_messages(messages)
+
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora", rounds=1))
+    settings = FlowerSettings(node_wait_s=1.0, node_start_timeout_s=1.0, round_timeout_s=math.inf)
+    wrapper = run_server(Leave(client_app(cfg), 3), cfg, settings)
+    (record,) = wrapper.history
+    assert record["accepted"] == ["user0", "user2"] and set(record["missing"]) == {"user1"}
 
 
 def test_bytes_accounting(dataset, tmp_path):

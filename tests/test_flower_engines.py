@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("flwr", reason="needs the flower extra: pip install -e '.[flower]'")
 pytest.importorskip("ray", reason="needs the flower extra: pip install -e '.[flower]'")
@@ -30,7 +31,7 @@ pytest.importorskip("ray", reason="needs the flower extra: pip install -e '.[flo
 from .flower_helpers import (  # noqa: E402  (sets the quiet Flower environment first)
     EXAMPLE,
     ROOT,
-    assert_same_global,
+    assert_identical_global,
     read_metrics,
     run_settings,
     saved_strategy,
@@ -67,10 +68,17 @@ def ray_simulation(monkeypatch, tmp_path):
 
     def run(cfg: SimConfig, num_nodes: int = 3):
         # One CPU per actor: Ray sets OMP_NUM_THREADS=1 in it, so torch trains each node on one thread.
-        run_simulation(server_app(cfg, FlowerSettings(node_wait_s=60, round_timeout_s=120)),
-                       client_app(cfg), num_supernodes=num_nodes,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": 2}})
+        # The ServerApp runs in this process: it aggregates on one thread too (see assert_identical_global).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_simulation(server_app(cfg, FlowerSettings(node_wait_s=60, node_start_timeout_s=120,
+                                                          round_timeout_s=120)),
+                           client_app(cfg), num_supernodes=num_nodes,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                           "init_args": {"num_cpus": 2}})
+        finally:
+            torch.set_num_threads(threads)
 
     yield run
     if saved is None:
@@ -86,12 +94,18 @@ def dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["flexlora", "flora"])
 def test_simulation_engine_equals_simulate(strategy, dataset, tmp_path, ray_simulation):
-    """3 nodes of ranks 4/8/16, 2 rounds, clients with examples of one length (see example_reference)."""
+    """3 nodes of ranks 4/8/16, 2 rounds: the global update equals simulate's to the last bit.
+
+    Like is compared with like: a node trains its client alone on one thread, as simulate's
+    sequential mode with threads=1 does. Against the batched mode the clients' matmuls have
+    other shapes, which some CPUs' kernels sum in another order, and a few Adam steps amplify
+    that rounding to ~1e-5 with no bound that follows from the arithmetic (batched against
+    sequential in-process: tests/test_simulation.py).
+    """
     settings = run_settings(dataset, tmp_path / "flower", strategy)
     ray_simulation(SimConfig.from_dict(settings))
-    reference = simulated(settings, tmp_path / "sim", threads=1)
-    worst = assert_same_global(saved_strategy(tmp_path / "flower"), reference.strategy)
-    print(f"Ray simulation engine vs fedlora simulate ({strategy}): max relative difference {worst:.1e}")
+    reference = simulated(dict(settings, mode="sequential"), tmp_path / "sim", threads=1)
+    assert_identical_global(saved_strategy(tmp_path / "flower"), reference.strategy)
     metrics = read_metrics(tmp_path / "flower")
     assert [m["accepted"] for m in metrics] == [["user0", "user1", "user2"]] * 2
     assert [m["ranks"] for m in metrics] == [[4, 8, 16]] * 2
@@ -230,8 +244,8 @@ def test_deployment_engine_on_loopback_equals_simulate(deployment, tmp_path):
     run = deployment.wait_run(deployment.start_run(overrides), out)
     assert run["status"] == "finished:completed", run
     reference = example_reference(overrides, tmp_path / "sim")
-    worst = assert_same_global(saved_strategy(out), reference.strategy)
-    print(f"deployment engine vs fedlora simulate: max relative difference {worst:.1e}")
+    # Nodes and the ServerApp run single-threaded (OMP_NUM_THREADS=1), as the sequential reference does.
+    assert_identical_global(saved_strategy(out), reference.strategy)
     metrics = read_metrics(out)
     assert [m["accepted"] for m in metrics] == [["repeater", "shouter"]] * 2
     assert [(m["ranks"], m["bytes_up"]) for m in metrics] == [(r["ranks"], r["bytes_up"]) for r in reference.metrics]
@@ -242,7 +256,9 @@ def test_deployment_engine_on_loopback_equals_simulate(deployment, tmp_path):
 
 def test_deployment_engine_supernode_killed_mid_round(deployment, tmp_path):
     out = tmp_path / "flower"
-    run_id = deployment.start_run({"rounds": 1, "local-steps": 2, "num-clients": 2, "round-timeout-s": 15.0,
+    # A generous round timeout: the live node's ClientApp may start slowly on a busy machine, and the
+    # round stops waiting for the killed node once it has left the federation (DepartureAwareGrid).
+    run_id = deployment.start_run({"rounds": 1, "local-steps": 2, "num-clients": 2, "round-timeout-s": 300.0,
                                    "output-dir": str(out)})
     try:
         deadline = time.monotonic() + 120
@@ -276,8 +292,7 @@ def test_flwr_run_example_in_the_simulation_runtime_equals_simulate(tmp_path):
         link.close()
     assert run["status"] == "finished:completed", run
     reference = example_reference(overrides, tmp_path / "sim")
-    worst = assert_same_global(saved_strategy(out), reference.strategy)
-    print(f"flwr run (simulation runtime) vs fedlora simulate (flora): max relative difference {worst:.1e}")
+    assert_identical_global(saved_strategy(out), reference.strategy)  # single-threaded both sides, as above
     metrics = read_metrics(out)
     assert [m["accepted"] for m in metrics] == [["repeater", "shouter", "speller"]] * 2
     assert [m["ranks"] for m in metrics] == [[4, 8, 16]] * 2

@@ -33,7 +33,7 @@ from fedlora.integrations.flower.wire import (  # noqa: E402
 from .fl_helpers import random_update  # noqa: E402
 from .test_untrusted_updates import _join, _split, _with_field, _with_header_text  # noqa: E402
 
-FAST = FlowerSettings(node_wait_s=1.0, round_timeout_s=30.0)
+FAST = FlowerSettings(node_wait_s=1.0, node_start_timeout_s=1.0, round_timeout_s=30.0)
 
 
 @pytest.fixture(scope="module")

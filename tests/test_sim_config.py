@@ -17,7 +17,7 @@ SHAPES = {"model.layers.0.self_attn.q_proj": (8, 8)}
 def test_overrides_are_typed_like_their_fields():
     cfg = SimConfig.load(None, [
         "--rank_levels", "2,4,8", "--client_ranks=[3, 5]", "--rank_distribution", "list",
-        "--target_modules", "q_proj,k_proj,v_proj", "--progress", "false", "--use_rslora=yes",
+        "--target_modules", "q_proj,k_proj,v_proj", "--progress", "false", "--use_rslora=true",
         "--rounds", "7", "--lr", "1e-3", "--local-epochs", "0.5", "--clients_per_round", "0.25",
         "--strategy_options.max_rank", "8", "--strategy_options.svd_method", "factored",
         "--strategy_options.min_updates=2",
@@ -42,14 +42,14 @@ def test_client_ranks_comma_list_are_ints():
 @pytest.mark.parametrize("args,match", [
     (["--no_such_key", "1"], "unknown setting --no_such_key"),
     (["--strategy_optionz.max_rank", "3"], "unknown setting"),
-    (["--rounds", "three"], "--rounds expects a number"),
-    (["--progress", "maybe"], "--progress expects true/false"),
-    (["--rank_levels", "4,x"], "--rank_levels expects comma-separated integers"),
+    (["--rounds", "three"], "--rounds must be an integer, got 'three'"),
+    (["--progress", "maybe"], "--progress must be true, false, 1 or 0, got 'maybe'"),
+    (["--rank_levels", "4,x"], "--rank_levels must be an integer, got 'x'"),
     (["--rounds"], "--rounds needs a value"),
     (["rounds", "3"], "expected --key value"),
     (["--strategy", "fedsgd"], "strategy must be one of"),
     (["--rank_distribution", "zipf"], "rank_distribution must be one of"),
-    (["--mode", "parallel"], "mode must be batched or sequential"),
+    (["--mode", "parallel"], "mode must be one of batched, sequential; got 'parallel'"),
     (["--rank_distribution", "list"], "client_ranks"),
     (["--lr", "0"], "lr must be > 0"),
     (["--lora_dropout", "1"], "lora_dropout"),

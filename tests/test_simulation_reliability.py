@@ -1,18 +1,24 @@
-"""`fedlora simulate` under bad clients: an upload at a rank it was not sent, a finite but enormous
+"""`fedlora simulate` under bad clients (an upload at a rank it was not sent, a finite but enormous
 update, a product that overflows float32: each is rejected with a reason, the state stays finite and
-equals a run without that client's update (tiny random Llama)."""
+equals a run without that client's update) and damaged checkpoints (the newest intact one is resumed
+and the run ends where an uninterrupted one ends, or the error names every file). Tiny random Llama."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedlora.federated import ClientUpdate
 from fedlora.simulation import simulate
+from fedlora.simulation.checkpoints import CheckpointError
+from fedlora.strategies import FLoRA, FlexLoRA
 
 from .fl_helpers import random_update
-from .test_simulation import TINY, read_metrics, synthetic_data
+from .test_simulation import (TINY, assert_same_state, read_metrics, resume_cfg, synthetic_data, without_wall_time,
+                              write_jsonl)
 
 
 def _run(tmp_path, hook, strategy="flexlora", **kw):
@@ -67,3 +73,147 @@ def test_a_bad_client_is_rejected_and_the_state_equals_the_run_without_it(strate
     deltas, ref_deltas = res.strategy.global_deltas(), ref.strategy.global_deltas()
     for name in deltas:
         assert torch.isfinite(deltas[name]).all() and torch.equal(deltas[name], ref_deltas[name])
+
+
+# ------------------------------------------------------------- checkpoints
+def _cfg(out, **kw):
+    return resume_cfg(out, "flora") | {"eval_every": 0, **kw}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 3-round run: what every recovered or resumed run must end at."""
+    return simulate(_cfg(tmp_path_factory.mktemp("full")), data=synthetic_data())
+
+
+def _stopped_after(out: Path, rounds_done: int):
+    simulate(_cfg(out), data=synthetic_data(), stop_after=rounds_done)
+    return out / "checkpoints"
+
+
+def _assert_ends_like(result, full):
+    assert_same_state(result.strategy, full.strategy)
+    assert without_wall_time(result.metrics) == without_wall_time(full.metrics)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "state.json"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, full_run, tmp_path, caplog):
+    ckpt = _stopped_after(tmp_path, 2)
+    latest = ckpt / "round-0001" / "strategy.safetensors"
+    if damage == "truncated":
+        latest.write_bytes(latest.read_bytes()[:-100])
+    elif damage == "garbage":
+        latest.write_bytes(b"\x00" * 64)
+    elif damage == "missing":
+        latest.unlink()
+    else:
+        (ckpt / "round-0001" / "state.json").write_text('{"next_round": 2, "metr')
+    with caplog.at_level("WARNING", logger="fedlora.simulate"):
+        resumed = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "round-0001" in warning and "resuming from" in warning and "round-0000 (round 1)" in warning
+    _assert_ends_like(resumed, full_run)
+
+
+def test_no_intact_checkpoint_fails_naming_every_file(tmp_path, capsys):
+    ckpt = _stopped_after(tmp_path, 2)
+    for folder in ("round-0000", "round-0001"):
+        (ckpt / folder / "strategy.safetensors").write_bytes(b"nope")
+    with pytest.raises(CheckpointError) as err:
+        simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+    message = str(err.value)
+    assert message.startswith("cannot resume: no intact checkpoint: ")
+    assert str(ckpt / "round-0001" / "strategy.safetensors") in message
+    assert str(ckpt / "round-0000" / "strategy.safetensors") in message
+    assert "\n" not in message
+
+
+def test_a_missing_latest_pointer_recovers_the_newest_intact_round(full_run, tmp_path, caplog):
+    ckpt = _stopped_after(tmp_path, 2)
+    (ckpt / "latest").unlink()
+    with caplog.at_level("WARNING", logger="fedlora.simulate"):
+        resumed = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+    assert any("latest is missing" in r.getMessage() for r in caplog.records)
+    _assert_ends_like(resumed, full_run)
+
+
+def test_a_state_that_disagrees_with_its_metadata_is_refused(tmp_path):
+    ckpt = _stopped_after(tmp_path, 1)
+    strategy = FLoRA()
+    strategy.load(ckpt / "round-0000" / "strategy.safetensors")
+    name = next(iter(strategy.module_shapes))
+    state = strategy.state_dict()
+    bad_shape = dict(state, tensors=dict(state["tensors"], **{f"{name}.dense": torch.zeros(3, 5)}))
+    with pytest.raises(ValueError, match=rf"state disagrees with its metadata: {name}\.dense has shape \[3, 5\]"):
+        FLoRA().load_state_dict(bad_shape)
+    missing = dict(state, tensors={k: v for k, v in state["tensors"].items() if k != f"{name}.B"})
+    with pytest.raises(ValueError, match=rf"{name}\.B is missing"):
+        FLoRA().load_state_dict(missing)
+    nan = dict(state, tensors=dict(state["tensors"], **{f"{name}.A": state["tensors"][f"{name}.A"] * math.nan}))
+    with pytest.raises(ValueError, match="holds non-finite values"):
+        FLoRA().load_state_dict(nan)
+    coerced = dict(state, meta=dict(state["meta"], round="1"))
+    with pytest.raises(ValueError, match="state round must be an integer, got str '1'"):
+        FLoRA().load_state_dict(coerced)
+    flex = FlexLoRA()
+    flex.init_global({"m": (6, 5)})
+    flex_state = flex.state_dict()
+    flex_state["tensors"]["m.S"] = torch.zeros(2)  # U and V keep K = 0: S must too
+    with pytest.raises(ValueError, match=r"m\.S has shape \[2\]"):
+        FlexLoRA().load_state_dict(flex_state)
+    # through a resume: the damaged latest round is skipped with that reason
+    bad = FLoRA()
+    bad.load(ckpt / "round-0000" / "strategy.safetensors")
+    bad._tensors[f"{name}.A"] = bad._tensors[f"{name}.A"][:, :3].contiguous()
+    bad.save(ckpt / "round-0000" / "strategy.safetensors")
+    with pytest.raises(CheckpointError, match=rf"round-0000/strategy.safetensors: state disagrees .*{name}\.A"):
+        simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+
+
+def test_leftovers_of_an_interrupted_save_are_removed_on_the_next_start(full_run, tmp_path):
+    ckpt = _stopped_after(tmp_path, 2)
+    (ckpt / ".tmp-abc123").mkdir()
+    (ckpt / ".tmp-abc123" / "strategy.safetensors").write_bytes(b"half")
+    (ckpt / ".latest.x1.tmp").write_bytes(b"round-00")
+    resumed = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0001", "round-0002"]
+    _assert_ends_like(resumed, full_run)
+
+
+def test_resume_with_nothing_to_resume_says_so_on_one_line(full_run, tmp_path, capsys):
+    first = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+    assert "fedlora simulate: nothing to resume in " + str(tmp_path) + " (no checkpoint): starting at round 0" \
+        in capsys.readouterr().out
+    _assert_ends_like(first, full_run)
+    again = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
+    out = capsys.readouterr().out
+    assert f"fedlora simulate: nothing to resume: {tmp_path} has finished its 3 rounds" in out
+    assert "round 0 |" not in out  # no round ran again
+    _assert_ends_like(again, full_run)
+
+
+def test_a_finished_run_is_extended_when_only_rounds_grew(tmp_path, tmp_path_factory):
+    simulate(_cfg(tmp_path), data=synthetic_data())
+    extended = simulate(_cfg(tmp_path, rounds=5, resume=True), data=synthetic_data())
+    longer = simulate(_cfg(tmp_path_factory.mktemp("five"), rounds=5), data=synthetic_data())
+    _assert_ends_like(extended, longer)
+    with pytest.raises(ValueError, match=r"checkpoint is at round 5, past rounds = 4"):
+        simulate(_cfg(tmp_path, rounds=4, resume=True), data=synthetic_data())
+
+
+def test_a_moved_run_folder_resumes(full_run, tmp_path):
+    _stopped_after(tmp_path / "here", 1)
+    (tmp_path / "here").rename(tmp_path / "there")
+    resumed = simulate(_cfg(tmp_path / "there", resume=True), data=synthetic_data())
+    _assert_ends_like(resumed, full_run)
+
+
+def test_resuming_on_edited_data_is_refused_naming_the_file(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl")
+    cfg = dict(model=TINY, dataset=str(data), rounds=2, clients_per_round=2, local_steps=1, rank_levels=[2, 4],
+               eval_every=0, eval_generate_examples=0, output_dir=str(tmp_path / "run"), progress=False)
+    simulate(cfg, stop_after=1)
+    data.write_text(data.read_text().replace("Repeat", "Echo", 1))
+    with pytest.raises(ValueError, match=rf"cannot resume .*: the data file {re.escape(str(data))} is not the "
+                                         r"content the run trained on"):
+        simulate(dict(cfg, resume=True))

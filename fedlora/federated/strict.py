@@ -64,16 +64,21 @@ def strict_mapping(value, what: str) -> Mapping:
     return value
 
 
-def json_object(text, what: str) -> dict:
-    """A JSON object parsed from ``text`` (a str), never deeper than Python can recurse: ValueError otherwise."""
+def json_value(text, what: str):
+    """The JSON value in ``text`` (str or bytes), never deeper than Python can recurse: ValueError otherwise."""
     if not isinstance(text, (str, bytes, bytearray)):
         raise ValueError(f"{what} must be JSON text, got {_show(text)}")
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except RecursionError:
         raise ValueError(f"{what} is JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{what} is not JSON: {exc}") from None
+
+
+def json_object(text, what: str) -> dict:
+    """A JSON object parsed from ``text`` (see :func:`json_value`)."""
+    value = json_value(text, what)
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value

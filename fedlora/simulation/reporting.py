@@ -17,6 +17,16 @@ def progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs) if iterable is not None else tqdm(**kwargs)
 
 
+def note(line: str, progress_enabled: bool) -> None:
+    """One console line about the run as a whole (above live progress bars when they are on)."""
+    if progress_enabled:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"fedlora simulate: {line}")
+    else:
+        print(f"fedlora simulate: {line}", flush=True)
+
+
 def write_metrics(path: Path, records: list[dict]) -> None:
     """metrics.jsonl, rewritten whole and atomically: it always matches the latest checkpoint."""
     atomic_write(path, "".join(json.dumps(m) + "\n" for m in records).encode())

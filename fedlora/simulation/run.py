@@ -25,7 +25,7 @@ from fedlora.federated.update import atomic_write
 from fedlora.strategies import Strategy
 
 from . import reporting
-from .checkpoints import Checkpoints, run_defining
+from .checkpoints import Checkpoints, fingerprint, run_defining
 from .config import SimConfig
 from .evaluation import evaluate_global, evaluate_model
 from .export import export_peft_adapter
@@ -48,6 +48,30 @@ class SimulationResult:
     num_train_clients: int = 0
 
 
+def data_fingerprint(cfg: SimConfig, data: Federation | None) -> dict | None:
+    """The content of the run's data file, as part of its identity (None: data built in code or given)."""
+    if data is not None or not Path(cfg.dataset).is_file():
+        return None
+    return {"file": str(cfg.dataset), "sha256": fingerprint(cfg.dataset)}
+
+
+def check_same_run(state: dict, identity: dict, cfg: SimConfig, out: Path) -> None:
+    """ValueError unless the checkpoint's run is this one: its defining settings and data content."""
+    saved, now = run_defining(state["config"]), run_defining(identity["config"])
+    if saved != now:
+        diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
+                         f"(name: (checkpoint, now)): {diff}")
+    was, data = state.get("data"), identity["data"]
+    if was != data and (was is not None or data is not None):
+        raise ValueError(f"config: cannot resume {out}: the data file {cfg.dataset} is not the content the run "
+                         f"trained on (sha256 {(was or {}).get('sha256', 'none')[:12]}..., now "
+                         f"{(data or {}).get('sha256', 'none')[:12]}...)")
+    if state["next_round"] > cfg.rounds:
+        raise ValueError(f"config: cannot resume {out}: its checkpoint is at round {state['next_round']}, past "
+                         f"rounds = {cfg.rounds}")
+
+
 def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | None = None,
              data: Federation | None = None, stop_after: int | None = None) -> SimulationResult:
     """Run the experiment ``cfg`` (defaults: the built-in SmolLM2 x Shakespeare FlexLoRA run).
@@ -65,28 +89,37 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     cfg.validate()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    identity = {"config": cfg.to_dict(), "data": data_fingerprint(cfg, data)}  # of the file as it is read
     run = setup_run(cfg, data)
     fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
     rank_of = run.rank_of
     strategy = make_strategy(cfg, fm.module_shapes, ranks, run.device)
     checkpoints = Checkpoints(out)
+    checkpoints.clean()
     metrics: list[dict] = []
     totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
     client_state: dict[str, dict] = {}  # each client's own memory across rounds (the rule's client-side hooks)
     start_round = 0
     if cfg.resume:
         state = checkpoints.load(strategy)
-        if state is not None:
-            saved, now = run_defining(state["config"]), run_defining(cfg.to_dict())
-            if saved != now:
-                diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-                        if saved.get(k) != now.get(k)}
-                raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
-                                 f"(name: (checkpoint, now)): {diff}")
+        if state is None:
+            reporting.note(f"nothing to resume in {out} (no checkpoint): starting at round 0", cfg.progress)
+        else:
+            check_same_run(state, identity, cfg, out)
             start_round, metrics, totals = state["next_round"], state["metrics"], {**totals, **state["totals"]}
             client_state = state.get("client_state", {})
             rank_of.update(state.get("client_ranks", {}))
-            log.info("resuming at round %d from %s", start_round, out)
+            if start_round >= cfg.rounds:
+                reporting.note(f"nothing to resume: {out} has finished its {start_round} rounds (give --rounds N "
+                               "with N larger to extend it)", cfg.progress)
+            else:
+                log.info("resuming at round %d from %s", start_round, out)
+    else:  # an earlier run's rounds and base evaluation must not mix with this run's
+        if checkpoints.exists():
+            log.warning("%s held checkpoints of an earlier run, removed: starting afresh (--resume true would "
+                        "have continued it)", out)
+            checkpoints.reset()
+        (out / BASE_EVAL_FILE).unlink(missing_ok=True)
 
     heldout, unseen = ([ex for _, exs in data.eval_sets(split, cfg.eval_max_examples) for ex in exs]
                        for split in ("heldout", "unseen"))
@@ -100,7 +133,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     def result(adapter_dir=None) -> SimulationResult:
         return SimulationResult(out, metrics, strategy, adapter_dir, rank_of, base_eval, setup_s, len(clients))
 
-    rounds = range(start_round, cfg.rounds)
+    rounds = range(min(start_round, cfg.rounds), cfg.rounds)
     bar = reporting.progress(rounds, cfg.progress, desc="rounds", unit="round")
     done_now = 0
     for round_idx in bar:
@@ -124,7 +157,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         metrics.append(record)
         reporting.write_metrics(out / "metrics.jsonl", metrics)
         checkpoints.save(round_idx, strategy, {"next_round": round_idx + 1, "metrics": metrics, "totals": totals,
-                                               "config": cfg.to_dict(), "client_state": client_state,
+                                               **identity, "client_state": client_state,
                                                "client_ranks": rank_of})
         reporting.summary(record, cfg.progress)
         done_now += 1

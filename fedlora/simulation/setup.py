@@ -113,6 +113,20 @@ class TrainingClients(Sequence):
         return self.data.train_client(range(len(self))[i])
 
 
+def check_layer_ranks(cfg: SimConfig, module_shapes, ranks: list[int]) -> None:
+    """ValueError naming the layer when a client's (or the export's) rank of a module exceeds the module's
+    smaller side: no update of that layer has that rank, so the setting is a mistake."""
+    setting = "client_ranks" if cfg.rank_distribution == "list" else "rank_levels"
+    asked = [(r, setting) for r in sorted(set(ranks))] + ([(cfg.export_rank, "export_rank")] if cfg.export_rank else [])
+    for rank, source in asked:
+        for name, r in module_ranks(rank, module_shapes, cfg.rank_pattern).items():
+            d_out, d_in = module_shapes[name]
+            if r > min(d_out, d_in):
+                via = f" (rank_pattern gives {r})" if r != rank else ""
+                raise ValueError(f"config: {source} has rank {rank}{via}, larger than layer {name}'s smaller side "
+                                 f"{min(d_out, d_in)} ({d_out} x {d_in}); allowed: 1..{min(d_out, d_in)}")
+
+
 @dataclass
 class RunSetup:
     """The model wrapped for training and the training clients with their ranks, as a run loads them."""
@@ -151,4 +165,5 @@ def setup_run(cfg: SimConfig, data: Federation | None = None) -> RunSetup:
         raise ValueError("the dataset produced no training client with examples")
     ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
     fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+    check_layer_ranks(cfg, fm.module_shapes, ranks)
     return RunSetup(fm, tokenizer, pad_id, data, clients, ranks, device, list(data.train_client_ids))

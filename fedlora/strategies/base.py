@@ -30,6 +30,7 @@ names to classes.
 from __future__ import annotations
 
 import abc
+import copy
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.federated.privacy import DPConfig, privatize
 from fedlora.federated.rng import lora_init_A, stable_seed
 from fedlora.federated.update import FORMAT_VERSION, ClientUpdate, atomic_write, read_blob
-from fedlora.federated.strict import strict_float, strict_int
+from fedlora.federated.strict import strict_bool, strict_float, strict_int, strict_mapping
 from fedlora.federated.validation import norm_outliers, validate_update
 
 from . import server_opt as server_opts
@@ -372,32 +373,81 @@ class Strategy(abc.ABC):
         return {"meta": meta, "tensors": {k: v.detach().clone() for k, v in self._tensors.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Load a :meth:`state_dict`, parsed strictly; ValueError (nothing changed) when its metadata is
+        malformed or its tensors disagree with it (unknown or missing tensors, shapes, dtype, non-finite)."""
         meta, tensors = state["meta"], state["tensors"]
         if meta.get("strategy") != self.name:
             raise ValueError(f"state was saved by strategy {meta.get('strategy')!r}, this is {self.name!r}")
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):
             raise ValueError(f"state has format version {meta.get('version')!r}, expected {FORMAT_VERSION}")
-        self.module_shapes = {n: (int(s[0]), int(s[1])) for n, s in meta["module_shapes"].items()}
-        self.round = int(meta["round"])
-        self.rank = None if meta["rank"] is None else int(meta["rank"])
-        self.module_ranks = {n: int(r) for n, r in (meta.get("module_ranks") or {}).items()}
-        if self.rank is not None and not self.module_ranks:
-            self.module_ranks = dict.fromkeys(self.module_shapes, self.rank)
-        self.alpha = None if meta["alpha"] is None else float(meta["alpha"])
-        self.seed = int(meta["seed"])
-        self.use_rslora = bool(meta["use_rslora"])
-        dtype = getattr(torch, str(meta.get("dtype")), None)
-        if dtype not in (torch.float32, torch.float64):
+        missing = sorted({"module_shapes", "round", "rank", "alpha", "seed", "use_rslora", "dtype"} - set(meta))
+        if missing:
+            raise ValueError(f"state metadata lacks {missing}")
+        shapes = strict_mapping(meta["module_shapes"], "state module_shapes")
+        if not shapes or not all(isinstance(v, list) and len(v) == 2 for v in shapes.values()):
+            raise ValueError("state module_shapes must map module names to [d_out, d_in]")
+        new = copy.copy(self)
+        new.module_shapes = {n: tuple(strict_int(d, f"state module_shapes[{n!r}]", low=1) for d in v)
+                             for n, v in shapes.items()}
+        new.round = strict_int(meta["round"], "state round", low=0)
+        new.rank = None if meta["rank"] is None else strict_int(meta["rank"], "state rank", low=1)
+        ranks = strict_mapping(meta.get("module_ranks") or {}, "state module_ranks")
+        new.module_ranks = {n: strict_int(r, f"state module_ranks[{n!r}]", low=1) for n, r in ranks.items()}
+        if new.rank is not None and not new.module_ranks:
+            new.module_ranks = dict.fromkeys(new.module_shapes, new.rank)
+        if set(new.module_ranks) - set(new.module_shapes):
+            raise ValueError(f"state module_ranks names unknown modules {sorted(set(new.module_ranks) - set(shapes))}")
+        new.alpha = None if meta["alpha"] is None else strict_float(meta["alpha"], "state alpha", low=0.0,
+                                                                    low_open=True)
+        new.seed = strict_int(meta["seed"], "state seed")
+        new.use_rslora = strict_bool(meta["use_rslora"], "state use_rslora")
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(meta["dtype"])
+        if dtype is None:
             raise ValueError(f"state has dtype {meta.get('dtype')!r}; expected float32 or float64")
-        self.dtype = dtype
+        new.dtype = dtype
         saved_opt = meta.get("server_opt") or {"server_opt": "none"}  # the state's optimizer, as its seed
         if not isinstance(saved_opt, dict):
             raise ValueError(f"state has server_opt {saved_opt!r}; expected a mapping of its settings")
         saved_opt = dict(saved_opt)
         type(self).check_server_opt(saved_opt.get("server_opt"))
-        self.server_optimizer = server_opts.ServerOptimizer.create(saved_opt.pop("server_opt"), **saved_opt)
-        self._tensors = {k: v.to(self.device) for k, v in tensors.items()}
-        self._load_extra_meta(meta.get("extra", {}))
+        new.server_optimizer = server_opts.ServerOptimizer.create(saved_opt.pop("server_opt"), **saved_opt)
+        new._tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        new._load_extra_meta(meta.get("extra", {}))
+        problem = new._state_problem()
+        if problem is not None:
+            raise ValueError(f"state disagrees with its metadata: {problem}")
+        self.__dict__.update(new.__dict__)
+
+    def _state_problem(self) -> str | None:
+        """Why the loaded tensors cannot be this state (see :meth:`_state_layout`), or None."""
+        bad = next((k for k, t in self._tensors.items() if t.dtype != self.dtype), None)
+        if bad is not None:
+            return f"{bad} is {self._tensors[bad].dtype}, the state's dtype is {self.dtype}"
+        bad = next((k for k, t in self._tensors.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            return f"{bad} holds non-finite values"
+        expected = set()
+        for name, (d_out, d_in) in self.module_shapes.items():
+            layout = self._state_layout(name)
+            if layout is None:
+                return None  # a rule without a declared layout: dtype and finiteness only
+            symbols = {"d_out": d_out, "d_in": d_in}
+            for part, alternatives in layout.items():
+                key = f"{name}.{part}"
+                expected.add(key)
+                if key not in self._tensors:
+                    return f"{key} is missing"
+                shape = tuple(self._tensors[key].shape)
+                if not any(_fits(shape, alt, symbols) for alt in alternatives):
+                    return f"{key} has shape {list(shape)}; module {name} is {d_out} x {d_in}"
+        extra = sorted(k for k in set(self._tensors) - expected if not k.startswith(server_opts.PREFIX))
+        return f"unexpected tensors {extra[:5]}" if extra else None
+
+    def _state_layout(self, name: str) -> dict[str, list[tuple]] | None:
+        """Part -> allowed shapes of module ``name``'s state tensors ``{name}.{part}``: each shape a tuple of
+        ints, "d_out"/"d_in" (the module's sides) or other names (one size, the same wherever the name
+        recurs in the module). None: the rule declares none (only dtype and finiteness are checked)."""
+        return None
 
     def to_bytes(self) -> bytes:
         state = self.state_dict()
@@ -525,6 +575,10 @@ class TruncatedFactors(Strategy):
         self._require_init()
         return self._tensors[f"{name}.B"] @ self._tensors[f"{name}.A"]
 
+    def _state_layout(self, name: str):
+        rank = self.module_ranks[name]
+        return {"A": [(rank, "d_in")], "B": [("d_out", rank)]}
+
     def _rank_check(self, rank: int, name: str) -> str | None:
         limit = self.module_ranks[name]
         return None if rank <= limit else f"rank {rank} exceeds the global rank {limit}"
@@ -609,6 +663,20 @@ def _rules_admitting(cls: type = Strategy) -> list[type]:
             out.append(sub)
         out += [r for r in _rules_admitting(sub) if r not in out]
     return out
+
+
+def _fits(shape: tuple, spec: tuple, symbols: dict) -> bool:
+    """Whether ``shape`` matches ``spec`` (see Strategy._state_layout); binds names seen first into ``symbols``."""
+    if len(shape) != len(spec):
+        return False
+    bound = dict(symbols)
+    for size, want in zip(shape, spec):
+        if isinstance(want, str):
+            want = bound.setdefault(want, size)
+        if size != want:
+            return False
+    symbols.update(bound)
+    return True
 
 
 def _first_line(exc: BaseException, limit: int = 400) -> str:

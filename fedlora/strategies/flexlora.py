@@ -84,6 +84,9 @@ class FlexLoRA(Strategy):
     def _set(self, name, U, S, V) -> None:
         self._tensors[f"{name}.U"], self._tensors[f"{name}.S"], self._tensors[f"{name}.V"] = U, S, V
 
+    def _state_layout(self, name: str):
+        return {"U": [("d_out", "k")], "S": [("k",)], "V": [("d_in", "k")]}
+
     def global_delta(self, name: str) -> torch.Tensor:
         """The global update U S V^T of module ``name`` as a dense [d_out, d_in] matrix."""
         self._require_init()

@@ -48,6 +48,10 @@ class FLoRA(Strategy):
             self._tensors[f"{name}.round_A"] = torch.zeros(0, d_in, dtype=self.dtype, device=self.device)
             self._tensors[f"{name}.round_B"] = torch.zeros(d_out, 0, dtype=self.dtype, device=self.device)
 
+    def _state_layout(self, name: str):
+        return {"dense": [(0,), ("d_out", "d_in")], "A": [("r", "d_in")], "B": [("d_out", "r")],
+                "round_A": [("q", "d_in")], "round_B": [("d_out", "q")]}
+
     def _distribute(self, ranks, alphas, client_id):
         # Fresh LoRA each round; a client's A depends on (seed, round, client, module) only.
         return {n: (self._fresh_A(n, r, self.round, client_id), self._zeros_B(n, r)) for n, r in ranks.items()}

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.federated.strict import strict_float, strict_int
 from fedlora.simulation.config import SimConfig
 
 # Set before flwr/ray are imported (flwr reads some of them at import time) and
@@ -52,14 +53,19 @@ class FlowerSettings:
     """Settings of a Flower run that ``fedlora simulate`` does not have."""
 
     min_nodes: int = 0  # nodes to wait for before round 1; 0: the num-partitions the nodes report
-    node_wait_s: float = 60.0  # how long to wait for them (then go on with those that came)
+    node_wait_s: float = 60.0  # how long to wait for them to connect (then go on with those that came)
+    # how long a connected node may take to answer its first message (its profile): a SuperNode starts
+    # its ClientApp then (imports, model and data). A later answer joins the next round.
+    node_start_timeout_s: float = 300.0
     round_timeout_s: float = 3600.0  # replies later than this count the node as missing for the round
 
     def validate(self) -> FlowerSettings:
-        if self.min_nodes < 0:
-            raise ValueError(f"config: min-nodes must be >= 0, got {self.min_nodes}")
-        if not self.node_wait_s >= 0 or not self.round_timeout_s > 0:
-            raise ValueError("config: node-wait-s must be >= 0 and round-timeout-s > 0")
+        """Each setting of its own type (no conversion) and in range; ValueError naming it."""
+        strict_int(self.min_nodes, "config: min-nodes", low=0)
+        self.node_wait_s = strict_float(self.node_wait_s, "config: node-wait-s", low=0.0)
+        self.node_start_timeout_s = strict_float(self.node_start_timeout_s, "config: node-start-timeout-s",
+                                                 low=0.0, low_open=True)
+        self.round_timeout_s = strict_float(self.round_timeout_s, "config: round-timeout-s", low=0.0, low_open=True)
         return self
 
 
@@ -82,7 +88,7 @@ def load_run_config(run_config: Mapping[str, object], base_dir: str | os.PathLik
     for key, value in run_config.items():
         name = key.replace("-", "_")
         if name in flower_fields:
-            settings[name] = int(value) if flower_fields[name].type == "int" else float(value)
+            settings[name] = value  # FlowerSettings.validate checks its type, converting nothing
         elif name == "config":
             config_file = _resolve(value, base_dir) if value else None
         else:

@@ -35,7 +35,11 @@ def run_server(grid: Grid, cfg: SimConfig, settings: FlowerSettings | None = Non
     (out / "config.json").write_text(cfg.to_json())
     strategy = FedLoRAStrategy.from_config(cfg, settings, output_dir=out)
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=settings.round_timeout_s)
-    atomic_write(out / "nodes.json", json.dumps(node_summary(strategy), indent=2).encode())
+    summary = node_summary(strategy)
+    atomic_write(out / "nodes.json", json.dumps(summary, indent=2).encode())
+    if summary["left_out"]:  # on the console too, not only in nodes.json
+        log.warning("fedlora on Flower: %d node(s) left out of the run: %s", len(summary["left_out"]),
+                    "; ".join(f"node {n}: {reason}" for n, reason in summary["left_out"].items()))
     strategy.export(out / "adapter")
     log.info("fedlora on Flower: done, %d rounds; metrics %s, adapter %s", len(strategy.history),
              out / "metrics.jsonl", out / "adapter")

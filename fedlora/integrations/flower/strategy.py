@@ -42,6 +42,7 @@ from fedlora.simulation.setup import make_strategy
 from fedlora.strategies import Strategy
 
 from .config import FlowerSettings
+from .grid import DepartureAwareGrid
 from .wire import (
     NodeProfile,
     decode_profile,
@@ -55,6 +56,7 @@ from .wire import (
 
 log = logging.getLogger("fedlora.flower")
 
+NO_PROFILE = "no profile reply"  # the reason of a node that has not answered its profile query in time
 StrategyFactory = Callable[[dict[str, tuple[int, int]], list[int]], Strategy]
 STATE_STYPE = "fedlora.strategy"  # an Array whose data is Strategy.to_bytes()
 
@@ -84,9 +86,11 @@ class FedLoRAStrategy(FlowerStrategy):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.profiles: dict[int, NodeProfile] = {}  # node id -> profile
         self.node_errors: dict[int, str] = {}  # nodes left out of the run, with the reason
+        self._asked: dict[int, tuple[str, float]] = {}  # node id -> (profile query id, when sent): not answered yet
         self.history: list[dict] = []  # one record per round, as simulate's metrics.jsonl
         self.totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
         self._sent: dict[int, tuple[NodeProfile, int]] = {}  # this round: node id -> (profile, served rank)
+        self._train_messages: list[Message] = []
         self._served: dict[str, dict[str, int]] = {}  # this round: client id -> module -> rank sent
         self._round: dict = {}
 
@@ -98,6 +102,10 @@ class FedLoRAStrategy(FlowerStrategy):
                    output_dir=output_dir)
 
     # ------------------------------------------------------------- Flower API
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs):
+        """Flower's round loop, over a Grid that stops waiting for nodes that left (see DepartureAwareGrid)."""
+        return super().start(DepartureAwareGrid(grid), initial_arrays, *args, **kwargs)
+
     def summary(self) -> None:
         name = self.strategy.name if self.strategy is not None else self.cfg.strategy
         log.info("fedlora %s: %s clients per round, seed %d, round timeout %.0f s", name,
@@ -145,14 +153,19 @@ class FedLoRAStrategy(FlowerStrategy):
             atomic_write(self.output_dir / "progress.json", json.dumps({
                 "round": round_idx, "waiting_for": {p.client_id: node for node, (p, _) in self._sent.items()},
                 "not_started": not_started, "rounds_done": len(self.history)}).encode())
+        self._train_messages = messages  # Flower sets their ids when it pushes them
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         info = self._round
         by_node: dict[int, Message] = {}
+        # A reply names the message it answers; the SuperLink's own error replies (a node that stopped
+        # sending heartbeats) come from the SuperLink, not the node, so the id is what finds the node.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._train_messages
+                   if m.metadata.message_id}
         for msg in replies:
-            node_id = int(msg.metadata.src_node_id)
+            node_id = node_of.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
             if node_id in self._sent:
                 by_node[node_id] = msg
             else:
@@ -238,18 +251,34 @@ class FedLoRAStrategy(FlowerStrategy):
                 self.profiles[node] = dataclasses.replace(profile, rank=u.rank)
 
     def _discover(self, grid: Grid) -> None:
-        """Profile nodes not seen before. Before round 1, wait for the nodes expected (bounded by node_wait_s)."""
+        """Ask nodes not seen before for their profile and take in the answers that have come.
+
+        Queries are pushed once and their replies pulled whenever they come, so a node
+        whose ClientApp starts slowly joins the first round after its answer arrives. Before
+        round 1 this waits for the nodes expected: until each has answered or been left out,
+        for at most ``node_wait_s`` for nodes to connect and ``node_start_timeout_s`` for a
+        connected node to answer. Later rounds never wait here.
+        """
         first = self.strategy is None or not self.profiles
-        deadline = time.monotonic() + (self.settings.node_wait_s if first else 0.0)
+        connect_deadline = time.monotonic() + (self.settings.node_wait_s if first else 0.0)
         while True:
-            new = [n for n in grid.get_node_ids() if n not in self.profiles and n not in self.node_errors]
-            if new:
-                self._profile(grid, new)
+            connected = set(grid.get_node_ids())
+            self._ask(grid, [n for n in sorted(connected) if n not in self.profiles and n not in self._asked
+                             and n not in self.node_errors])
+            self._collect(grid, connected)
+            now = time.monotonic()
+            starting = [n for n, (_, sent) in self._asked.items()
+                        if n not in self.node_errors and now - sent < self.settings.node_start_timeout_s]
+            for node_id, (_, sent) in self._asked.items():
+                if node_id not in starting and node_id not in self.node_errors:
+                    self._leave_out(node_id, NO_PROFILE, f"no profile reply within {self.settings.node_start_timeout_s:g} "
+                                    "s; it joins the first round after it answers")
             expected = self.settings.min_nodes or max([p.num_partitions for p in self.profiles.values()] + [1])
             # Nodes left out count as arrived: waiting longer would not bring them back.
-            if len(self.profiles) + len(self.node_errors) >= expected or time.monotonic() >= deadline:
+            if not first or len(self.profiles) + len(self.node_errors) >= expected or (
+                    now >= connect_deadline and not starting):
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)  # the Grid has no blocking receive; Flower's own send_and_receive polls too
         if not self.profiles:
             raise RuntimeError(f"no node answered with a usable profile within {self.settings.node_wait_s} s; "
                                f"left out: {self.node_errors}")
@@ -259,16 +288,25 @@ class FedLoRAStrategy(FlowerStrategy):
             log.info("fedlora %s built for %d nodes, ranks %s", self.strategy.name, len(ordered),
                      [p.rank for p in ordered])
 
-    def _profile(self, grid: Grid, node_ids: list[int]) -> None:
+    def _ask(self, grid: Grid, node_ids: list[int]) -> None:
+        if not node_ids:
+            return
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        replies = {int(m.metadata.src_node_id): m for m in
-                   grid.send_and_receive(messages, timeout=self.settings.round_timeout_s)}
-        connected = set(grid.get_node_ids())
-        for node_id in node_ids:
-            if node_id not in replies:
-                self.node_errors[node_id] = "no profile reply"
+        now = time.monotonic()
+        for node_id, message_id in zip(node_ids, grid.push_messages(messages)):
+            self._asked[node_id] = (message_id, now)
+
+    def _collect(self, grid: Grid, connected: set[int]) -> None:
+        """Take in the profile replies that have arrived (each node's data behind one guard)."""
+        if not self._asked:
+            return
+        node_of = {message_id: node_id for node_id, (message_id, _) in self._asked.items()}
+        for reply in grid.pull_messages(list(node_of)):
+            node_id = node_of.get(reply.metadata.reply_to_message_id)
+            if node_id is None:
                 continue
-            profile, reason = guarded(decode_profile, replies[node_id])
+            del self._asked[node_id]
+            profile, reason = guarded(decode_profile, reply)
             if profile is not None:
                 # A restarted SuperNode comes back under a new id: it takes its client over from the old one.
                 for old in [n for n, p in self.profiles.items() if p.client_id == profile.client_id]:
@@ -276,10 +314,17 @@ class FedLoRAStrategy(FlowerStrategy):
                         del self.profiles[old]
                 reason = self._profile_problem(profile)
             if reason is None:
+                if self.node_errors.pop(node_id, None) is not None:
+                    log.warning("node %d answered its profile query late; it joins from the next round", node_id)
                 self.profiles[node_id] = profile
             else:
-                self.node_errors[node_id] = reason
-                log.warning("node %d left out: %s", node_id, reason)
+                self.node_errors.pop(node_id, None)
+                self._leave_out(node_id, reason, reason)
+
+    def _leave_out(self, node_id: int, reason: str, console: str) -> None:
+        """Record why a node is out of the run and say so on the console (not only in nodes.json)."""
+        self.node_errors[node_id] = reason
+        log.warning("node %d left out: %s", node_id, console)
 
     def _profile_problem(self, profile: NodeProfile) -> str | None:
         shapes = self.strategy.module_shapes if self.strategy is not None else next(
