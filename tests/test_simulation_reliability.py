@@ -152,6 +152,9 @@ def test_a_state_that_disagrees_with_its_metadata_is_refused(tmp_path):
     nan = dict(state, tensors=dict(state["tensors"], **{f"{name}.A": state["tensors"][f"{name}.A"] * math.nan}))
     with pytest.raises(ValueError, match="holds non-finite values"):
         FLoRA().load_state_dict(nan)
+    stranger = dict(state, tensors=dict(state["tensors"], **{"model.layers.9.mlp.A": torch.zeros(2, 3)}))
+    with pytest.raises(ValueError, match=r"tensors of modules the state does not have: \['model.layers.9.mlp.A'\]"):
+        FLoRA().load_state_dict(stranger)
     coerced = dict(state, meta=dict(state["meta"], round="1"))
     with pytest.raises(ValueError, match="state round must be an integer, got str '1'"):
         FLoRA().load_state_dict(coerced)

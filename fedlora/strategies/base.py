@@ -440,8 +440,10 @@ class Strategy(abc.ABC):
                 shape = tuple(self._tensors[key].shape)
                 if not any(_fits(shape, alt, symbols) for alt in alternatives):
                     return f"{key} has shape {list(shape)}; module {name} is {d_out} x {d_in}"
-        extra = sorted(k for k in set(self._tensors) - expected if not k.startswith(server_opts.PREFIX))
-        return f"unexpected tensors {extra[:5]}" if extra else None
+        # parts a subclass adds beyond its parent's layout are its own; a module the state does not have is not
+        extra = sorted(k for k in set(self._tensors) - expected
+                       if not k.startswith(server_opts.PREFIX) and k.rpartition(".")[0] not in self.module_shapes)
+        return f"tensors of modules the state does not have: {extra[:5]}" if extra else None
 
     def _state_layout(self, name: str) -> dict[str, list[tuple]] | None:
         """Part -> allowed shapes of module ``name``'s state tensors ``{name}.{part}``: each shape a tuple of
