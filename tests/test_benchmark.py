@@ -139,6 +139,14 @@ def test_report_is_rebuilt_from_finished_cells(tmp_path):
     assert again["md"].read_text() == md and again["csv"].read_text() == paths["csv"].read_text()
 
 
+def test_spectrum_modules_are_the_first_middle_and_last_layers():
+    from fedlora.simulation.evaluation import spectrum_modules
+
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(7) for p in ("q_proj", "v_proj")]
+    assert spectrum_modules(names) == [names[0], names[1], names[6], names[7], names[12], names[13]]
+    assert spectrum_modules(["lm_head"]) == ["lm_head"]
+
+
 def test_report_refuses_what_is_not_a_benchmark(tmp_path):
     with pytest.raises(ValueError, match="no cells/ folder"):
         write_report(tmp_path)
@@ -167,6 +175,7 @@ rank_levels = [2, 4]
 eval_max_examples = 4
 eval_generate_examples = 1
 max_new_tokens = 4
+log_spectrum = 3
 progress = false
 
 [grid]
@@ -209,6 +218,20 @@ def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, caps
         {k: v for k, v in bases[1].items() if k != "wall_time_s"}
     assert {"eval_heldout_loss", "eval_unseen_loss", "eval_unseen_rougeL"} <= set(bases[0])
 
+    for m in metrics:  # each client's own training loss, beside its rank
+        assert list(m["client_train_loss"]) == m["clients"] and all(v > 0 for v in m["client_train_loss"].values())
+    # The logged spectrum is that of the final global update (numpy's float64 SVD of the checkpoint's deltas).
+    from fedlora.strategies import registry
+
+    strategy = registry.create("fedavg", {"heterogeneous": "bucket"})
+    ckpt = out / "cells" / second.run / "checkpoints"
+    strategy.load(ckpt / (ckpt / "latest").read_text().strip() / "strategy.safetensors")
+    deltas = strategy.global_deltas()
+    assert set(metrics[-1]["spectrum"]) == set(deltas)  # 2 layers: the first, middle and last are all of them
+    for name, values in metrics[-1]["spectrum"].items():
+        want = np.linalg.svd(deltas[name].double().numpy(), compute_uv=False)[:3]
+        # float64 SVD is backward stable: singular values agree to ~1e-15 of the largest.
+        assert np.allclose(values, want, rtol=0, atol=1e-12 * want[0]) and want[0] > 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["rule"] for r in rows] == ["flexlora", "bucket"] and [r["rounds"] for r in rows] == ["2", "2"]
     assert float(rows[1]["final_eval_unseen_loss"]) == pytest.approx(metrics[-1]["eval_unseen_loss"], rel=1e-12)

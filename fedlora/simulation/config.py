@@ -95,6 +95,8 @@ class SimConfig:
     strategy_options: dict[str, Any] = setting({})
     # evaluation
     eval_every: int = setting(1, low=0)
+    # top singular values of the global update of the first, middle and last layers, at each evaluation (0: off)
+    log_spectrum: int = setting(0, low=0)
     # evaluate the base model once before round 0 (base_eval.json: every curve's start)
     eval_base: bool = setting(True)
     eval_max_examples: int = setting(32, low=0)  # per split (held-out lines of training clients, unseen clients)

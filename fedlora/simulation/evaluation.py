@@ -10,6 +10,7 @@ averaged with weights proportional to their size, as FlexLoRA reports it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,8 @@ from fedlora.layers import segments
 from fedlora.strategies import Strategy
 
 from .trainer import FederatedModel, client_losses
+
+_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def split_prompt(example) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +99,31 @@ def evaluate_model(fm: FederatedModel, deltas, heldout, unseen, pad_id: int, tok
     return out
 
 
+def spectrum_modules(names: Sequence[str]) -> list[str]:
+    """The modules of the first, middle and last layer among ``names`` (by the layer number in the name)."""
+    def layer(name: str) -> int:
+        match = _LAYER.search(name)
+        return int(match.group(1)) if match else -1
+
+    layers = sorted({layer(n) for n in names})
+    picked = {layers[0], layers[len(layers) // 2], layers[-1]}
+    return [n for n in names if layer(n) in picked]
+
+
+def update_spectrum(deltas, names: Sequence[str], k: int) -> dict[str, list[float]]:
+    """The ``k`` largest singular values of each named global update (float64)."""
+    return {n: torch.linalg.svdvals(deltas[n].double())[:k].tolist() for n in names}
+
+
 def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
-                    max_new_tokens: int) -> dict:
-    """The metrics of the global model: base + the rule's global update (reconstructed once for every metric)."""
-    return evaluate_model(fm, strategy.global_deltas(), heldout, unseen, pad_id, tokenizer, rouge_sets,
-                          max_new_tokens)
+                    max_new_tokens: int, spectrum: int = 0) -> dict:
+    """The metrics of the global model: base + the rule's global update (reconstructed once for every metric).
+
+    ``spectrum`` > 0 adds the top singular values of the update of the first,
+    middle and last layers' modules (how much of its rank the rule uses).
+    """
+    deltas = strategy.global_deltas()
+    out = evaluate_model(fm, deltas, heldout, unseen, pad_id, tokenizer, rouge_sets, max_new_tokens)
+    if spectrum:
+        out["spectrum"] = update_spectrum(deltas, spectrum_modules(list(deltas)), spectrum)
+    return out

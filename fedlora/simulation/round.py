@@ -157,6 +157,8 @@ def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], t
         "rejected": {**rejected, **result.rejected},
         "state_changed": result.changed,
         "train_loss": float(np.average(losses, weights=weights)) if accepted else float("nan"),
+        # Each client's own mean training loss (a breakdown by rank reads it beside "ranks").
+        "client_train_loss": {u.client_id: u.metrics.get("train_loss", math.nan) for u in updates},
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "bytes_down_global": bytes_down_global,

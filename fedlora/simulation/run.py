@@ -151,7 +151,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
             totals[key] += record[key]
         if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
             record.update(evaluate_global(fm, strategy, heldout, unseen, pad_id, tokenizer, rouge_sets,
-                                          cfg.max_new_tokens))
+                                          cfg.max_new_tokens, cfg.log_spectrum))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)
