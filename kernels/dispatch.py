@@ -58,3 +58,14 @@ def native_16bit_dot(a: torch.dtype, b: torch.dtype) -> bool:
     The interpreter computes bf16 dots wrongly, so it always gets fp32 operands.
     """
     return a == b and a in (torch.float16, torch.bfloat16) and not interpreting()
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the torch twins compute in: float64 for float64 inputs, float32 otherwise (16-bit upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def use_triton_for(tensor: torch.Tensor) -> bool:
+    """:func:`use_triton`, except that float64 always runs the torch twin: the kernels accumulate in
+    float32, and a float64 caller asked for float64 arithmetic."""
+    return tensor.dtype != torch.float64 and use_triton(tensor)

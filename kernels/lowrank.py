@@ -31,9 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .dispatch import work_dtype  # noqa: F401  (re-exported: LR.work_dtype)
 
 
 def fix_signs(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):

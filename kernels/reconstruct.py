@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_precision, use_triton
+from .dispatch import dot_precision, use_triton_for, work_dtype
 from .segmented import _configs
 
 
@@ -107,7 +107,7 @@ def reconstruct_triton(B_cat: torch.Tensor, A_cat: torch.Tensor, col_scale: torc
 def reconstruct_torch(B_cat: torch.Tensor, A_cat: torch.Tensor, col_scale: torch.Tensor,
                       layer_ranks: list[int], out_dtype: torch.dtype) -> torch.Tensor:
     """Torch twin of :func:`reconstruct_triton`; fp64 inputs stay fp64, others run in fp32."""
-    work = torch.float64 if A_cat.dtype == torch.float64 else torch.float32
+    work = work_dtype(A_cat.dtype)
     out = torch.empty((len(layer_ranks), B_cat.shape[0], A_cat.shape[1]), device=A_cat.device, dtype=out_dtype)
     start = 0
     for layer, r in enumerate(layer_ranks):
@@ -120,6 +120,6 @@ def reconstruct_torch(B_cat: torch.Tensor, A_cat: torch.Tensor, col_scale: torch
 
 def reconstruct(B_cat, A_cat, col_scale, layer_ranks, out_dtype):
     # Triton has no fp64 tensor-core dot worth using; fp64 references take the twin.
-    if A_cat.dtype != torch.float64 and use_triton(A_cat):
+    if use_triton_for(A_cat):
         return reconstruct_triton(B_cat, A_cat, col_scale, layer_ranks, out_dtype)
     return reconstruct_torch(B_cat, A_cat, col_scale, layer_ranks, out_dtype)

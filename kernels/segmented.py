@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_precision, interpreting, native_16bit_dot, use_triton
+from .dispatch import dot_precision, interpreting, native_16bit_dot, use_triton_for, work_dtype
 
 
 # --------------------------------------------------------------------------- plan
@@ -207,11 +207,12 @@ def shrink_triton(x: torch.Tensor, w: torch.Tensor, plan: SegmentPlan) -> torch.
 
 
 def shrink_torch(x: torch.Tensor, w: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
-    """Torch twin of :func:`shrink_triton`."""
-    h = torch.zeros((x.shape[0], plan.max_rank), device=x.device, dtype=torch.float32)
+    """Torch twin of :func:`shrink_triton`; H in float32, or float64 for float64 inputs."""
+    work = work_dtype(x.dtype)
+    h = torch.zeros((x.shape[0], plan.max_rank), device=x.device, dtype=work)
     for start, end, a in plan.segments():
         rs = plan.rank_slice(a)
-        h[start:end, : plan.ranks[a]] = x[start:end].float() @ w[rs].float().t()
+        h[start:end, : plan.ranks[a]] = x[start:end].to(work) @ w[rs].to(work).t()
     return h
 
 
@@ -311,19 +312,20 @@ def expand_triton(h: torch.Tensor, w: torch.Tensor, plan: SegmentPlan, out: torc
 
 def expand_torch(h: torch.Tensor, w: torch.Tensor, plan: SegmentPlan, out: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Torch twin of :func:`expand_triton`."""
+    """Torch twin of :func:`expand_triton` (float32 arithmetic, float64 for float64 inputs)."""
     out, accumulate = _expand_out(h, w, out, dtype or w.dtype)
+    work = work_dtype(h.dtype if h.dtype == torch.float64 else w.dtype)
     # Every row belongs to exactly one segment, so a fresh output needs no zero fill.
     scalings = plan.scalings.tolist()
     for start, end, a in plan.segments():
         rs = plan.rank_slice(a)
-        h_seg, w_seg = h[start:end, : plan.ranks[a]], w[rs].float()
-        if out.dtype == torch.float32:  # in place; beta=0 ignores the uninitialised rows
+        h_seg, w_seg = h[start:end, : plan.ranks[a]].to(work), w[rs].to(work)
+        if out.dtype == work:  # in place; beta=0 ignores the uninitialised rows
             out[start:end].addmm_(h_seg, w_seg, beta=1.0 if accumulate else 0.0, alpha=scalings[a])
             continue
         delta = scalings[a] * (h_seg @ w_seg)
         if accumulate:
-            delta += out[start:end].float()
+            delta += out[start:end].to(work)
         out[start:end] = delta.to(out.dtype)
     return out
 
@@ -408,14 +410,15 @@ def outer_triton(l: torch.Tensor, x: torch.Tensor, plan: SegmentPlan, out: torch
 
 
 def outer_torch(l: torch.Tensor, x: torch.Tensor, plan: SegmentPlan, out: torch.Tensor) -> torch.Tensor:
-    """Torch twin of :func:`outer_triton`."""
-    # fp32 outputs accumulate in place; others in an fp32 buffer rounded once at the end.
-    acc = out if out.dtype == torch.float32 else torch.empty(out.shape, device=out.device, dtype=torch.float32)
+    """Torch twin of :func:`outer_triton` (float32 arithmetic, float64 for float64 inputs)."""
+    # Outputs of the working dtype accumulate in place; others in a buffer rounded once at the end.
+    work = work_dtype(x.dtype)
+    acc = out if out.dtype == work else torch.empty(out.shape, device=out.device, dtype=work)
     acc.zero_()  # adapters used by no segment get exact zeros
     scalings = plan.scalings.tolist()
     for start, end, a in plan.segments():
         rs = plan.rank_slice(a)
-        acc[rs].addmm_(l[start:end, : plan.ranks[a]].t(), x[start:end].float(), alpha=scalings[a])
+        acc[rs].addmm_(l[start:end, : plan.ranks[a]].t().to(work), x[start:end].to(work), alpha=scalings[a])
     if acc is not out:
         out.copy_(acc)
     return out
@@ -423,12 +426,12 @@ def outer_torch(l: torch.Tensor, x: torch.Tensor, plan: SegmentPlan, out: torch.
 
 # ----------------------------------------------------------------- dispatchers
 def shrink(x, w, plan):
-    return (shrink_triton if use_triton(x) else shrink_torch)(x, w, plan)
+    return (shrink_triton if use_triton_for(x) else shrink_torch)(x, w, plan)
 
 
 def expand(h, w, plan, out=None, dtype=None):
-    return (expand_triton if use_triton(h) else expand_torch)(h, w, plan, out, dtype)
+    return (expand_triton if use_triton_for(w) else expand_torch)(h, w, plan, out, dtype)
 
 
 def outer(l, x, plan, out):
-    return (outer_triton if use_triton(x) else outer_torch)(l, x, plan, out)
+    return (outer_triton if use_triton_for(x) else outer_torch)(l, x, plan, out)

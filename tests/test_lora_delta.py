@@ -172,3 +172,23 @@ def test_rejects_per_bank_weight_rows_of_wrong_count():
 def test_rejects_a_non_bank():
     with pytest.raises(ValueError, match="fedlora.AdapterBank"):
         lora_delta(torch.zeros(3, 3))
+
+
+def test_weights_beyond_float32_are_an_error_not_nan(backend):
+    gen = torch.Generator().manual_seed(5)
+    bank = make_bank([2, 3], 12, 10, gen, torch.float32)
+    with pytest.raises(ValueError, match=r"weights\[0\] = 1e\+39 .* beyond torch.float32's range"):
+        lora_delta(bank, [1e39, 1.0])
+    with pytest.raises(ValueError, match=r"weights\[1\]\[0\] = 1e\+39"):
+        lora_delta([bank, bank], [[1.0, 1.0], [1e39, 1.0]])
+    with pytest.raises(ValueError, match=r"beyond torch.float32's range"):
+        fedlora.ops.lowrank_svd(bank, [1e39, 1.0], rank=2)
+    # representable weights whose products overflow: an error too, never inf or NaN in the result
+    # (every entry of B A is 2 * 10 = 20, times w s = 1e38: 2e39, past float32's 3.4e38)
+    tens = fedlora.AdapterBank.from_factors([(torch.full((2, 12), 10.0), torch.ones(10, 2))], [1.0]).to(DEVICE)
+    with pytest.raises(ValueError, match="lora_delta overflows torch.float32"):
+        lora_delta(tens, [1e38])
+    # a float64 bank holds them: computed (and returned) in float64
+    bank64 = make_bank([2, 3], 12, 10, gen, torch.float64)
+    out = lora_delta(bank64, [1e39, 1.0])
+    assert out.dtype == torch.float64 and rel_err(out, reference_delta(bank64, [1e39, 1.0])) < 1e-13

@@ -224,3 +224,16 @@ def test_backward_with_only_B_trainable():
     reference(x64, A64, B64, bank.ranks, bank.scalings.tolist(), [3, 2], [0, 1]).square().sum().backward()
     assert bank.A.grad is None
     assert rel_err(bank.B.grad, B64.grad) < REL_TOL[torch.float32]
+
+
+def test_float64_inputs_are_computed_in_float64(backend):
+    """float64 x and bank: output and all three gradients agree with the float64 reference to float64
+    rounding (REL_TOL[float64] = 1e-12, ~1e4 ulps for these short sums); float32 arithmetic would give
+    ~1e-7. Under FEDLORA_BACKEND=triton too: float64 always takes the torch twin."""
+    gen = torch.Generator().manual_seed(11)
+    bank = random_bank([3, 17, 8], 40, 29, torch.float64, gen)
+    check_against_reference(bank, [5, 0, 9, 4], [2, 0, 1, 0], torch.float64, gen)
+    h = fedlora.ops.segmented._segmented_lora_op(
+        torch.randn(4, 40, dtype=torch.float64), bank.A, bank.B, bank.scalings,
+        torch.tensor([4]), torch.tensor([1]), bank.ranks)[1]
+    assert h.dtype == torch.float64  # the saved intermediate too

@@ -167,10 +167,26 @@ def lora_delta(bank, weights=None, *, dtype: torch.dtype | None = None) -> torch
     banks, batched = as_bank_list(bank)
     w = per_bank_weights(weights, banks, batched)
     check_finite(banks)
+    _check_scales_fit(banks, w)
     with torch.no_grad():
         B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
         out = reconstruct(B_cat, A_cat, col_scale, layer_ranks, dtype or banks[0].dtype)
+        if not torch.isfinite(out).all():
+            raise ValueError(f"lora_delta overflows {out.dtype}: weights x scalings x factors are too large for it "
+                             "(float64 banks compute and return float64)")
     return out if batched else out[0]
+
+
+def _check_scales_fit(banks, weights: list[list[float]]) -> None:
+    """ValueError when a weight, or a weight times its scaling, is beyond the working dtype (it would be inf)."""
+    work = LR.work_dtype(banks[0].dtype)
+    limit = torch.finfo(work).max
+    for i, (bank, w) in enumerate(zip(banks, weights)):
+        for k, (wk, sk) in enumerate(zip(w, bank.scalings.tolist())):
+            if not (abs(wk) <= limit and abs(wk * sk) <= limit):
+                where = f"weights[{i}][{k}]" if len(banks) > 1 else f"weights[{k}]"
+                raise ValueError(f"{where} = {wk:g} (times scaling {sk:g}) is beyond {work}'s range "
+                                 f"(max {limit:.3g}); weights are finite numbers >= 0 that {work} can hold")
 
 
 def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto", *, tol: float = 1e-4,
@@ -239,6 +255,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
     m, n = banks[0].d_out, banks[0].d_in
     rank = check_rank(rank, m, n)
     w = per_bank_weights(weights, banks, batched)
+    _check_scales_fit(banks, w)
     check_finite(banks)
     R_max = max(b.total_rank for b in banks)
     if method == "factored" and R_max >= min(m, n):

@@ -49,7 +49,7 @@ def _segmented_lora_op(
 
 @_segmented_lora_op.register_fake
 def _(x, A, B, scalings, seg_lens, adapter_ids, ranks):
-    return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], max(ranks)), dtype=torch.float32)
+    return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], max(ranks)), dtype=K.work_dtype(x.dtype))
 
 
 @torch.library.custom_op("fedlora::segmented_lora_backward", mutates_args=())
@@ -62,7 +62,7 @@ def _segmented_lora_backward_op(
     # One empty tensor per skipped gradient: a custom op's outputs may not alias each other.
     dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx or need_dA:
-        g = K.shrink(grad_y, B.t(), plan)  # G = dY B_a, fp32 [T, max_rank]
+        g = K.shrink(grad_y, B.t(), plan)  # G = dY B_a [T, max_rank], fp32 (fp64 for fp64 inputs)
         if need_dx:
             dx = K.expand(g, A, plan, dtype=x.dtype)  # s_a G A_a
         if need_dA:
@@ -121,7 +121,7 @@ def _segmented_lora_add_op(
 
 @_segmented_lora_add_op.register_fake
 def _(out, x, A, B, scalings, seg_lens, adapter_ids, ranks):
-    return x.new_empty((x.shape[0], max(ranks)), dtype=torch.float32)
+    return x.new_empty((x.shape[0], max(ranks)), dtype=K.work_dtype(x.dtype))
 
 
 class _SegmentedLoRAAdd(torch.autograd.Function):
