@@ -132,6 +132,13 @@ def test_report_is_rebuilt_from_finished_cells(tmp_path):
     for dist, entries in best.items():
         assert f"**{min(entries)[1]}**" in table  # the lowest mean of each column is bold
     assert md.count("**") == 2 * 2 * 2  # one bold entry per column in the two metric tables
+    # Paired by seed: flexlora minus bucket (bucket's heavy_tail seed 2 is missing, so 2 pairs there).
+    paired = md.split("each rule minus bucket on the same seed")[1].split("###")[0]
+    for dist, seeds in (("uniform", (0, 1, 2)), ("heavy_tail", (0, 1))):
+        diffs = [final[f"strategy-flexlora__rank_distribution-{dist}__seed-{s}"]
+                 - final[f"strategy-bucket__rank_distribution-{dist}__seed-{s}"] for s in seeds]
+        wins = sum(d < 0 for d in diffs)
+        assert f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1):.3f} ({wins}/{len(diffs)} better)" in paired
     assert "Base model before training: 4.000" in md
     for key in ("curves", "bars"):
         assert paths[key].stat().st_size > 10_000  # a rendered PNG, not an empty figure
@@ -175,6 +182,7 @@ rank_levels = [2, 4]
 eval_max_examples = 4
 eval_generate_examples = 1
 max_new_tokens = 4
+eval_generate_every = 0
 log_spectrum = 3
 progress = false
 
@@ -218,6 +226,9 @@ def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, caps
         {k: v for k, v in bases[1].items() if k != "wall_time_s"}
     assert {"eval_heldout_loss", "eval_unseen_loss", "eval_unseen_rougeL"} <= set(bases[0])
 
+    # Rouge-L (generation) only after the last round with eval_generate_every = 0; losses every round.
+    assert ["eval_unseen_rougeL" in m for m in metrics] == [False, True]
+    assert all("eval_unseen_loss" in m for m in metrics)
     for m in metrics:  # each client's own training loss, beside its rank
         assert list(m["client_train_loss"]) == m["clients"] and all(v > 0 for v in m["client_train_loss"].values())
     # The logged spectrum is that of the final global update (numpy's float64 SVD of the checkpoint's deltas).

@@ -197,6 +197,33 @@ def metric_table(cells: list[CellResult], metric: str, value=None, digits: int =
     return lines
 
 
+def paired_table(cells: list[CellResult], metric: str, reference: str, digits: int = 3) -> list[str]:
+    """Markdown rows: each rule minus ``reference`` on the same seed and distribution, mean ± std over seeds.
+
+    Seeds differ in their data partition and evaluation sets as well as in training; a
+    difference on the same seed cancels what the rules share, so it is the sharper comparison.
+    """
+    rules = [r for r in _ordered(c.rule for c in cells) if r != reference]
+    dists = _ordered(c.dist for c in cells)
+    final = {(c.rule, c.dist, c.seed): c.final(metric) for c in cells}
+    better = max if higher_is_better(metric) else min
+    lines = ["| rule | " + " | ".join(dists) + " |", "|---|" + "---|" * len(dists)]
+    for r in rules:
+        row = []
+        for d in dists:
+            diffs = [final[(r, d, s)] - final[(reference, d, s)] for (rr, dd, s) in final
+                     if rr == r and dd == d and (reference, d, s) in final]
+            diffs = [x for x in diffs if _finite(x)]
+            if not diffs:
+                row.append("–")
+                continue
+            mean, std, n = mean_std(diffs)
+            wins = sum(better(x, 0.0) == x and x != 0.0 for x in diffs)
+            row.append(f"{mean:+.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + f" ({wins}/{n} better)")
+        lines.append(f"| {r} | " + " | ".join(row) + " |")
+    return lines
+
+
 def _counterpart(metric: str) -> str | None:
     for a, b in (("heldout", "unseen"), ("unseen", "heldout")):
         if f"_{a}_" in metric:
@@ -222,6 +249,11 @@ def markdown(cells: list[CellResult], metric: str) -> str:
             if bases:
                 out.write(f"\nBase model before training: {', '.join(f'{b:.3f}' for b in bases)} "
                           f"(one value per seed's evaluation set).\n")
+        rules = _ordered(c.rule for c in members)
+        reference = "bucket" if "bucket" in rules else rules[0]
+        if len(rules) > 1 and any(c.series(metric) for c in members):
+            out.write(f"\n### {metric}: each rule minus {reference} on the same seed\n\n"
+                      + "\n".join(paired_table(members, metric, reference)) + "\n")
         out.write("\n### MB sent up per round (all sampled clients)\n\n")
         out.write("\n".join(metric_table(
             members, "bytes_up", lambda c: c.metrics[-1]["total_bytes_up"] / len(c.metrics) / 1e6 if c.metrics

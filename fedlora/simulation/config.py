@@ -103,6 +103,9 @@ class SimConfig:
     # instruction data: greedy generations per split scored by Rouge-L (0: off)
     eval_generate_examples: int = setting(16, low=0)
     max_new_tokens: int = setting(64, low=1)
+    # Rouge-L (greedy generation, the costly metric) every this many rounds at an evaluation; 0: only after
+    # the last round (and for the base model)
+    eval_generate_every: int = setting(1, low=0)
     # run
     mode: str = setting("batched", choices=("batched", "sequential"))
     seed: int = setting(0, low=0)

@@ -150,7 +150,10 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         for key in totals:
             totals[key] += record[key]
         if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
-            record.update(evaluate_global(fm, strategy, heldout, unseen, pad_id, tokenizer, rouge_sets,
+            last = round_idx + 1 == cfg.rounds
+            generate = last or (cfg.eval_generate_every and (round_idx + 1) % cfg.eval_generate_every == 0)
+            record.update(evaluate_global(fm, strategy, heldout, unseen, pad_id, tokenizer,
+                                          rouge_sets if generate else {},
                                           cfg.max_new_tokens, cfg.log_spectrum))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
