@@ -105,11 +105,16 @@ class Case:
         }
 
 
+def layout(T: int, n: int) -> tuple[list[int], list[int]]:
+    """The (ranks, seg_lens) of shape (T, n): seeded, so bench.roofline models the same batch."""
+    rng = random.Random(1000 * T + n)
+    ranks = [rng.randint(*RANK_RANGE) for _ in range(n)]
+    return ranks, split_tokens(T, n, rng)
+
+
 def make_case(T: int, n: int, d: int) -> Case:
     seed = 1000 * T + n  # a fixed, distinct seed per shape
-    rng = random.Random(seed)
-    ranks = [rng.randint(*RANK_RANGE) for _ in range(n)]
-    seg_lens = split_tokens(T, n, rng)
+    ranks, seg_lens = layout(T, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape, std=1.0):

@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.kernels import segmented as K
-
 from fedlora.bank import AdapterBank
+from fedlora.kernels import segmented as K
+from fedlora.kernels.dispatch import work_dtype
+from fedlora.kernels.plan import SegmentPlan, cached_plan, padded_width
 
 from .checks import check_factors, check_segmented_inputs, check_segments
 
 
 # ------------------------------------------------------------------ custom ops
-def _plan(x, ranks, scalings, seg_lens, adapter_ids) -> K.SegmentPlan:
-    return K.make_plan(seg_lens.tolist(), adapter_ids.tolist(), ranks, scalings, x.device)
+def _plan(x, ranks, seg_lens, adapter_ids) -> SegmentPlan:
+    # seg_lens / adapter_ids are CPU tensors: reading them never waits for the device.
+    # Every layer with these ranks, forward and backward, gets the same cached plan.
+    return cached_plan(seg_lens.tolist(), adapter_ids.tolist(), ranks, x.device)
 
 
 @torch.library.custom_op("fedlora::segmented_lora", mutates_args=())
@@ -41,15 +44,16 @@ def _segmented_lora_op(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalings: torch.Tensor,
     seg_lens: torch.Tensor, adapter_ids: torch.Tensor, ranks: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    plan = _plan(x, ranks, scalings, seg_lens, adapter_ids)
+    plan = _plan(x, ranks, seg_lens, adapter_ids)
     h = K.shrink(x, A, plan)
-    y = K.expand(h, B.t(), plan, dtype=x.dtype)
+    y = K.expand(h, B.t(), plan, scalings, dtype=x.dtype)
     return y, h
 
 
 @_segmented_lora_op.register_fake
 def _(x, A, B, scalings, seg_lens, adapter_ids, ranks):
-    return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], max(ranks)), dtype=K.work_dtype(x.dtype))
+    h = x.new_empty((x.shape[0], padded_width(max(ranks))), dtype=work_dtype(x.dtype))
+    return x.new_empty((x.shape[0], B.shape[0])), h
 
 
 @torch.library.custom_op("fedlora::segmented_lora_backward", mutates_args=())
@@ -58,18 +62,18 @@ def _segmented_lora_backward_op(
     seg_lens: torch.Tensor, adapter_ids: torch.Tensor, h: torch.Tensor, ranks: list[int],
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan(x, ranks, scalings, seg_lens, adapter_ids)
+    plan = _plan(x, ranks, seg_lens, adapter_ids)
     # One empty tensor per skipped gradient: a custom op's outputs may not alias each other.
     dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx or need_dA:
-        g = K.shrink(grad_y, B.t(), plan)  # G = dY B_a [T, max_rank], fp32 (fp64 for fp64 inputs)
+        g = K.shrink(grad_y, B.t(), plan)  # G = dY B_a [T, h_width], fp32 (fp64 for fp64 inputs)
         if need_dx:
-            dx = K.expand(g, A, plan, dtype=x.dtype)  # s_a G A_a
+            dx = K.expand(g, A, plan, scalings, dtype=x.dtype)  # s_a G A_a
         if need_dA:
-            dA = K.outer(g, x, plan, torch.empty_like(A))  # s_a G^T x
+            dA = K.outer(g, x, plan, scalings, torch.empty_like(A))  # s_a G^T x
     if need_dB:
         dB = torch.empty_like(B)
-        K.outer(h, grad_y, plan, dB.t())  # dB^T = s_a H^T dY
+        K.outer(h, grad_y, plan, scalings, dB.t())  # dB^T = s_a H^T dY
     return dx, dA, dB
 
 
@@ -86,6 +90,8 @@ def _setup_context(ctx, inputs, output):
     x, A, B, scalings, seg_lens, adapter_ids, ranks = inputs
     ctx.save_for_backward(x, A, B, scalings, seg_lens, adapter_ids, output[1])
     ctx.ranks = ranks
+    # H is an output only so that backward can reuse it; never fill its gradient with zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, grad_h):
@@ -113,15 +119,15 @@ def _segmented_lora_add_op(
     out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalings: torch.Tensor,
     seg_lens: torch.Tensor, adapter_ids: torch.Tensor, ranks: list[int],
 ) -> torch.Tensor:
-    plan = _plan(x, ranks, scalings, seg_lens, adapter_ids)
+    plan = _plan(x, ranks, seg_lens, adapter_ids)
     h = K.shrink(x, A, plan)
-    K.expand(h, B.t(), plan, out=out)
+    K.expand(h, B.t(), plan, scalings, out=out)
     return h
 
 
 @_segmented_lora_add_op.register_fake
 def _(out, x, A, B, scalings, seg_lens, adapter_ids, ranks):
-    return x.new_empty((x.shape[0], max(ranks)), dtype=K.work_dtype(x.dtype))
+    return x.new_empty((x.shape[0], padded_width(max(ranks))), dtype=work_dtype(x.dtype))
 
 
 class _SegmentedLoRAAdd(torch.autograd.Function):
