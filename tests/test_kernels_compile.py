@@ -36,7 +36,8 @@ def test_every_kernel_compiles_without_spills_and_with_16_bit_tensor_cores(tmp_p
 # ------------------------------------------------------------ the gate's own rules
 def _record(**kw):
     base = {"status": "ok", "error": None, "cc": 90, "registers": 128, "stack_bytes": 0, "local_bytes": 0,
-            "shared_bytes": 0, "sixteen_bit": True, "tensor_core": ["wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"]}
+            "shared_bytes": 0, "sixteen_bit": True,
+            "tensor_core": ["wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"]}
     return {**base, **kw}
 
 
