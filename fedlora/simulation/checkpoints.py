@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedlora.federated.strict import json_object, strict_int, strict_mapping
@@ -78,13 +79,16 @@ class Checkpoints:
             shutil.rmtree(folder)
         (self.root / "latest").unlink(missing_ok=True)
 
-    def save(self, round_idx: int, strategy: Strategy, state: dict) -> None:
+    def save(self, round_idx: int, strategy: Strategy, state: dict, files: Mapping[str, bytes] | None = None) -> None:
+        """The strategy, the JSON ``state`` and any other ``files`` (name -> bytes, e.g. clients' tensors)."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         final = self.root / f"round-{round_idx:04d}"
         try:
             strategy.save(tmp / "strategy.safetensors")
             atomic_write(tmp / "state.json", json.dumps(state).encode())
+            for name, data in (files or {}).items():
+                atomic_write(tmp / name, data)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -104,8 +108,9 @@ class Checkpoints:
     def exists(self) -> bool:
         return bool(self.rounds()) or (self.root / "latest").exists()
 
-    def load(self, strategy: Strategy) -> dict | None:
-        """The state of the newest intact round (its strategy loaded into ``strategy``); None when the run
+    def load(self, strategy: Strategy, files: Sequence[str] = ()) -> dict | None:
+        """The state of the newest intact round (its strategy loaded into ``strategy``, the bytes of its
+        ``files`` under ``state["files"]``: a round without one of them is not intact); None when the run
         has no checkpoint. CheckpointError when there are checkpoints but none is intact."""
         folders = self.rounds()
         pointer = self.root / "latest"
@@ -120,7 +125,7 @@ class Checkpoints:
             return None
         problems = []
         for folder in reversed(folders):
-            problem = _load_round(folder, strategy)
+            problem = _load_round(folder, strategy, files)
             if isinstance(problem, dict):
                 if problems:
                     log.warning("skipped damaged checkpoint(s): %s; resuming from %s (round %d)",
@@ -138,8 +143,9 @@ def _pointer_target(pointer: Path) -> str | None:
     return name if _ROUND.fullmatch(name) else None
 
 
-def _load_round(folder: Path, strategy: Strategy) -> dict | str:
-    """The round's state dict with ``strategy`` loaded, or why it cannot be resumed (naming the file)."""
+def _load_round(folder: Path, strategy: Strategy, files: Sequence[str] = ()) -> dict | str:
+    """The round's state dict with ``strategy`` loaded (and the bytes of ``files`` under "files"), or why
+    it cannot be resumed (naming the file)."""
     state_file, strategy_file = folder / "state.json", folder / "strategy.safetensors"
     try:
         state = json_object(state_file.read_bytes(), str(state_file))
@@ -151,8 +157,9 @@ def _load_round(folder: Path, strategy: Strategy) -> dict | str:
             raise ValueError(f"{state_file}: metrics must list {next_round} rounds")
         strict_mapping(state.get("totals"), f"{state_file}: totals")
         strict_mapping(state.get("config"), f"{state_file}: config")
+        state["files"] = {name: (folder / name).read_bytes() for name in files}
     except OSError as exc:
-        return f"{state_file}: {exc.strerror or exc}"
+        return f"{exc.filename or state_file}: {exc.strerror or exc}"
     except ValueError as exc:
         return str(exc)
     try:

@@ -83,6 +83,9 @@ class SimConfig:
     weight_decay: float = setting(0.0, low=0.0)
     momentum: float = setting(0.0, low=0.0, high=1.0, high_open=True)
     lr_schedule: str = setting("constant", choices=("constant", "linear", "cosine"))  # over each client's steps
+    # client-side drift corrections, in the batched step (fedlora/simulation/corrections.py)
+    prox_mu: float = setting(0.0, low=0.0)  # FedProx: + mu/2 ||theta - theta_sent||^2 on each client's factors
+    scaffold: bool = setting(False)  # SCAFFOLD's control variates on the trained factors (rules that admit it)
     # ranks
     rank_distribution: str = setting("uniform", choices=RANK_DISTRIBUTIONS)
     rank_levels: list[int] = setting([4, 8, 16, 32], low=1, nonempty=True)
@@ -129,6 +132,12 @@ class SimConfig:
         except ValueError as exc:
             need(False, str(exc))
         need(self.local_steps >= 1 or self.local_epochs > 0, "local_steps must be >= 1 (or set local_epochs)")
+        if self.scaffold:
+            admit = [n for n in STRATEGIES if registry.lookup(n).admits_scaffold]
+            need(registry.lookup(self.strategy).admits_scaffold,
+                 f"scaffold needs a rule whose clients train truncations of fixed global factors ({', '.join(admit)}); "
+                 f"{self.strategy}'s clients start from a new basis every round, where last round's control "
+                 "variates mean nothing")
         if self.rank_distribution == "list":
             need(bool(self.client_ranks), "rank_distribution='list' needs client_ranks, each >= 1")
         try:

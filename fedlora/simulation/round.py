@@ -5,8 +5,12 @@ runs over a Grid. Both call these functions, so the same settings give the same 
 2. :func:`start_factors` each at its own rank, with the run's alphas; the rule's
    ``client_base()`` (if any) is folded beside every client's base;
 3. train locally (:func:`local_plan`, :func:`client_stream`; in one batched pass
-   here, on its node under Flower) into a :func:`trained_update`;
-4. ``strategy.aggregate`` the updates and write a :func:`round_record`.
+   here, on its node under Flower) into a :func:`trained_update`, with FedProx's proximal
+   term (``prox_mu``) and SCAFFOLD's correction (``scaffold``: the server's c goes down with
+   the factors, :func:`control_shift_of` and :func:`control_step` run where the client trains,
+   which keeps its own c_k and sends Delta c_k back);
+4. ``strategy.aggregate`` the updates (and, with SCAFFOLD, ``strategy.update_controls`` with
+   the accepted clients' Delta c_k) and write a :func:`round_record`.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from fedlora.strategies import AggregationResult, Strategy
 from fedlora.strategies.base import merge_parts
 
 from .config import SimConfig
+from .corrections import Controls, add, control_bytes, control_delta, control_shift, fit
 from .setup import lora_alpha
 from .trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
 
@@ -100,10 +105,11 @@ def local_steps(cfg: SimConfig, num_examples: int) -> int:
 
 
 def local_plan(cfg: SimConfig, clients, train_A: bool, train_B: bool = True, rule: Strategy | None = None,
-               ranks: Sequence[int] = ()) -> LocalPlan:
+               ranks: Sequence[int] = (), controls: list[Controls] | None = None) -> LocalPlan:
     """The local training of ``clients`` in a round: each its own steps, the run's optimizer and schedule,
-    the factors the rule trains this round (``strategy.trainable_at``) and the rule's local penalty
-    (``rule.local_penalty``) for client k at ``ranks[k]``."""
+    the factors the rule trains this round (``strategy.trainable_at``), the rule's local penalty
+    (``rule.local_penalty``) for client k at ``ranks[k]``, FedProx's ``cfg.prox_mu`` and SCAFFOLD's
+    ``controls`` (client k's c - c_k, :func:`control_shift_of`)."""
     if not (train_A or train_B):
         raise ValueError("a round must train A, B or both")
     penalty = None
@@ -113,7 +119,7 @@ def local_plan(cfg: SimConfig, clients, train_A: bool, train_B: bool = True, rul
     return LocalPlan(steps=[local_steps(cfg, c.num_examples) for c in clients], batch_size=cfg.batch_size,
                      lr=cfg.lr, lr_schedule=cfg.lr_schedule, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, momentum=cfg.momentum, batched=cfg.mode == "batched",
-                     train_A=train_A, train_B=train_B, penalty=penalty)
+                     train_A=train_A, train_B=train_B, penalty=penalty, prox_mu=cfg.prox_mu, controls=controls)
 
 
 def client_stream(cfg: SimConfig, round_idx: int, client: ClientDataset) -> ExampleStream:
@@ -131,6 +137,23 @@ def trained_update(cfg: SimConfig, fm: FederatedModel, k: int, client: ClientDat
                           use_rslora=cfg.use_rslora,
                           metrics={"train_loss": float(np.mean(losses)) if losses else float("nan")})
     return update if rule is None else rule.prune_update(update, state if state is not None else {})
+
+
+# ------------------------------------------------------------------ SCAFFOLD
+def start_ranks(start) -> dict[str, int]:
+    """module -> the rank a client's starting factors have."""
+    return {name: a.shape[0] for name, (a, _, _) in start.items()}
+
+
+def control_shift_of(sent: Controls, own: Controls | None, start) -> Controls:
+    """c - c_k at the ranks of ``start``: what SCAFFOLD adds to the client's gradients this round."""
+    return control_shift(sent, fit(own, start_ranks(start)))
+
+
+def control_step(sent: Controls, own: Controls | None, start, trained, lr_sum: float) -> tuple[Controls, Controls]:
+    """(Delta c_k, c_k^+) after local training from ``start`` to ``trained`` (option II)."""
+    delta = control_delta(sent, start, trained, lr_sum)
+    return delta, add(fit(own, start_ranks(start)), delta)
 
 
 # ------------------------------------------------------------------ records
@@ -165,18 +188,42 @@ def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], t
     }
 
 
+def aggregate_round(cfg: SimConfig, strategy: Strategy, round_idx: int, updates: list[ClientUpdate],
+                    served: Mapping[str, Mapping[str, int]], deltas: Mapping[str, Controls], num_clients: int,
+                    rejected: dict[str, str]) -> AggregationResult:
+    """``strategy.aggregate`` the updates; with SCAFFOLD, first drop a client whose Delta c_k is malformed
+    (its reason into ``rejected``; ``updates`` is filtered in place) and then add the accepted clients'
+    Delta c_k to the server's c."""
+    factors = strategy.uploaded_at(round_idx)
+    if cfg.scaffold:
+        for cid in [u.client_id for u in updates]:
+            reason = strategy.control_problem(deltas.get(cid), served.get(cid), factors) if cid in deltas else \
+                "no control variate change (SCAFFOLD) in the upload"
+            if reason is not None:
+                rejected[cid] = f"control variate: {reason}"
+        updates[:] = [u for u in updates if u.client_id not in rejected]
+    result = strategy.aggregate(updates, served=served)
+    if cfg.scaffold and result.changed:
+        strategy.update_controls({cid: deltas[cid] for cid in result.accepted}, served, num_clients, factors)
+    return result
+
+
 # -------------------------------------------------------- the in-process round
 def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Strategy,
               sampled: Sequence[ClientDataset], rank_of: Mapping[str, int], pad_id: int,
               update_hook: UpdateHook | None = None, progress: Callable[[int], None] | None = None,
-              client_state: dict[str, dict] | None = None) -> dict:
+              client_state: dict[str, dict] | None = None, client_controls: dict[str, Controls] | None = None
+              ) -> dict:
     """Train ``sampled`` clients of the round in one batched pass, aggregate, return the round record.
 
     client_state: each client's own memory across rounds (client id -> JSON-able dict), read and
     updated by the rule's client-side hooks; the caller keeps it (and checkpoints it).
     The record's ``self_pruned`` (when any) maps a client to the smaller rank it uploaded and trains at from now on.
+    client_controls: with ``cfg.scaffold``, each client's own c_k (client id -> Controls), updated
+    here for every client that trained, as the client itself would; N is ``len(rank_of)``.
     """
     client_state = {} if client_state is None else client_state
+    client_controls = {} if client_controls is None else client_controls
     ids = [c.client_id for c in sampled]
     ranks = [rank_of[c] for c in ids]
     starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
@@ -185,14 +232,23 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     fm.set_deltas(merge_parts(base) if base else None)
     streams = [client_stream(cfg, round_idx, c) for c in sampled]
     trainable = strategy.trainable_at(round_idx)
+    # SCAFFOLD: c on the factors the round's clients send back, at each client's ranks
+    sent = [strategy.server_controls(start_ranks(s), strategy.uploaded_at(round_idx)) for s in starts] \
+        if cfg.scaffold else None
+    shifts = None if sent is None else [control_shift_of(c, client_controls.get(cid), s)
+                                        for c, cid, s in zip(sent, ids, starts)]
     plan = local_plan(cfg, sampled, train_A="A" in trainable, train_B="B" in trainable, rule=strategy,
-                      ranks=[served_rank(f) for f in starts])
+                      ranks=[served_rank(f) for f in starts], controls=shifts)
     losses = train_clients(fm, sampled, streams, plan, pad_id, progress=progress)
 
-    updates, failed = [], {}
+    updates, failed, deltas = [], {}, {}
     bytes_up = 0
-    bytes_down = sum(factor_bytes(s) for s in starts)
+    bytes_down = sum(factor_bytes(s) + control_bytes(None if sent is None else sent[k]) for k, s in enumerate(starts))
     for k, client in enumerate(sampled):
+        if sent is not None:  # the client's own SCAFFOLD step: it keeps c_k^+ and sends Delta c_k
+            trained = fm.client_factors(k, {n: f[2] for n, f in starts[k].items()})
+            deltas[client.client_id], client_controls[client.client_id] = control_step(
+                sent[k], client_controls.get(client.client_id), starts[k], trained, plan.lr_sum(k))
         update = trained_update(cfg, fm, k, client, starts[k], losses[k], strategy,
                                 client_state.setdefault(client.client_id, {}))
         try:
@@ -202,13 +258,14 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
             failed[client.client_id] = f"client crashed: {type(exc).__name__}: {exc}"
             log.warning("round %d: %s", round_idx, failed[client.client_id])
             continue
-        bytes_up += upload_bytes(update, strategy.uploaded_at(round_idx))
+        bytes_up += upload_bytes(update, strategy.uploaded_at(round_idx)) + control_bytes(deltas.get(client.client_id))
         updates.append(update)
-    result = strategy.aggregate(updates, served=served_ranks(ids, starts))
+    served = served_ranks(ids, starts)
+    result = aggregate_round(cfg, strategy, round_idx, updates, served, deltas, len(rank_of), failed)
     record = round_record(round_idx, ids, ranks, [served_rank(f) for f in starts], updates, result, failed,
                           bytes_up, bytes_down, base_bytes(base) * len(sampled))
-    served = {c: served_rank(f) for c, f in zip(ids, starts)}
-    pruned = {u.client_id: u.rank for u in updates if u.rank != served[u.client_id]}
+    trained_at = {c: served_rank(f) for c, f in zip(ids, starts)}
+    pruned = {u.client_id: u.rank for u in updates if u.rank != trained_at[u.client_id]}
     if pruned:
         record["self_pruned"] = pruned
     return record

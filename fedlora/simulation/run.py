@@ -27,6 +27,7 @@ from fedlora.strategies import Strategy
 from . import reporting
 from .checkpoints import Checkpoints, fingerprint, run_defining
 from .config import SimConfig
+from .corrections import Controls, controls_from_bytes, controls_to_bytes
 from .evaluation import evaluate_global, evaluate_model
 from .export import export_peft_adapter
 from .round import UpdateHook, run_round, sample
@@ -34,6 +35,7 @@ from .setup import Federation, make_strategy, setup_run
 
 log = logging.getLogger("fedlora.simulate")
 BASE_EVAL_FILE = "base_eval.json"
+CONTROLS_FILE = "client_controls.safetensors"  # SCAFFOLD's c_k of every client, in each checkpoint
 
 
 @dataclass
@@ -99,15 +101,18 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     metrics: list[dict] = []
     totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
     client_state: dict[str, dict] = {}  # each client's own memory across rounds (the rule's client-side hooks)
+    client_controls: dict[str, Controls] = {}  # SCAFFOLD: each client's own control variate c_k
     start_round = 0
     if cfg.resume:
-        state = checkpoints.load(strategy)
+        state = checkpoints.load(strategy, files=[CONTROLS_FILE] if cfg.scaffold else [])
         if state is None:
             reporting.note(f"nothing to resume in {out} (no checkpoint): starting at round 0", cfg.progress)
         else:
             check_same_run(state, identity, cfg, out)
             start_round, metrics, totals = state["next_round"], state["metrics"], {**totals, **state["totals"]}
             client_state = state.get("client_state", {})
+            if cfg.scaffold:
+                client_controls = controls_from_bytes(state["files"][CONTROLS_FILE])
             rank_of.update(state.get("client_ranks", {}))
             if start_round >= cfg.rounds:
                 reporting.note(f"nothing to resume: {out} has finished its {start_round} rounds (give --rounds N "
@@ -143,7 +148,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         steps_bar = reporting.progress(None, cfg.progress, desc=f"round {round_idx} local steps",
                                        unit="client-step", leave=False)
         record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
-                           progress=steps_bar.update if steps_bar is not None else None, client_state=client_state)
+                           progress=steps_bar.update if steps_bar is not None else None, client_state=client_state,
+                           client_controls=client_controls)
         rank_of.update(record.get("self_pruned", {}))  # a client that pruned its rank trains at it from now on
         if steps_bar is not None:
             steps_bar.close()
@@ -161,7 +167,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         reporting.write_metrics(out / "metrics.jsonl", metrics)
         checkpoints.save(round_idx, strategy, {"next_round": round_idx + 1, "metrics": metrics, "totals": totals,
                                                **identity, "client_state": client_state,
-                                               "client_ranks": rank_of})
+                                               "client_ranks": rank_of},
+                         {CONTROLS_FILE: controls_to_bytes(client_controls)} if cfg.scaffold else None)
         reporting.summary(record, cfg.progress)
         done_now += 1
         if stop_after is not None and done_now >= stop_after and round_idx + 1 < cfg.rounds:

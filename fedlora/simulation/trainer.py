@@ -26,6 +26,7 @@ from fedlora.bank import AdapterBank, lora_scaling
 from fedlora.data.clients import IGNORE_INDEX, ClientDataset, collate_clients
 from fedlora.layers import DeltaLinear, MultiLoRALinear, keep_4bit_layout_trainable, segments
 
+from .corrections import Controls, GradientCorrections
 from .optim import PerClientOptimizer, scheduled_lr
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -135,6 +136,12 @@ class LocalPlan:
     # penalty(k, {module: (A_k, B_k)}) -> a term client k adds to its loss (the rule's local_penalty), or None
     penalty: Callable[[int, dict[str, tuple[torch.Tensor, torch.Tensor]]], torch.Tensor | None] | None = None
     train_B: bool = True  # False in RoLoRA's A-rounds: B stays as the server sent it
+    prox_mu: float = 0.0  # FedProx's mu: each client's gradient gains mu (theta - theta^0) (see corrections.py)
+    controls: list[Controls] | None = None  # SCAFFOLD: client k's c - c_k per module, added to its gradient
+
+    def lr_sum(self, k: int) -> float:
+        """sum_s eta_s over client k's steps: SCAFFOLD option II's K eta_l under any schedule."""
+        return sum(scheduled_lr(self.lr, self.lr_schedule, s, self.steps[k]) for s in range(self.steps[k]))
 
 
 class ExampleStream:
@@ -167,6 +174,7 @@ def train_clients(fm: FederatedModel, clients: Sequence[ClientDataset], streams:
     for bank in fm.banks():
         bank.B.requires_grad_(plan.train_B)
         bank.A.requires_grad_(plan.train_A)
+    corrections = GradientCorrections(fm.banks(), list(fm.layers), plan.prox_mu, plan.controls)
     losses: list[list[float]] = [[] for _ in clients]
     device = fm.device
 
@@ -185,6 +193,8 @@ def train_clients(fm: FederatedModel, clients: Sequence[ClientDataset], streams:
                 if term is not None:
                     total = total + term
         total.backward()
+        if corrections:  # FedProx / SCAFFOLD: each client's term on its own rows and columns
+            corrections.add_to_grads()
         lrs = [scheduled_lr(plan.lr, plan.lr_schedule, step_idx[k], plan.steps[k]) for k in group]
         opt.step(group, lrs)
         opt.zero_grad()

@@ -51,6 +51,7 @@ from fedlora.federated.strict import strict_bool, strict_float, strict_int, stri
 from fedlora.federated.validation import norm_outliers, validate_update
 
 from . import server_opt as server_opts
+from .scaffold import ControlVariates
 
 log = logging.getLogger("fedlora.strategies")
 
@@ -100,6 +101,9 @@ class Strategy(abc.ABC):
     # Where a server optimizer acts: "factors" (the global factors, _server_params), "delta" (the
     # global weight update as parts, _pseudo_gradient/_apply_step), or None (the rule admits none).
     server_opt_space: str | None = None
+    # Whether clients train a truncation of global factors kept in one coordinate system across
+    # rounds, where SCAFFOLD's control variates live (the ControlVariates mixin; strategies/scaffold.py).
+    admits_scaffold: bool = False
 
     def __init__(self, *, min_updates: int = 1, max_update_norm: float | None = None,
                  max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO, dp: DPConfig | None = None,
@@ -556,13 +560,14 @@ class Strategy(abc.ABC):
         return groups
 
 
-class TruncatedFactors(Strategy):
+class TruncatedFactors(ControlVariates, Strategy):
     """Global factors (A_g [R, d_in], B_g [d_out, R]) per module with product B_g A_g
     (scale-free); a rank-r client starts from A_g[:r] and B_g[:, :r]. R is
     ``init_global(rank=R)`` (per module: ``module_ranks``); A_g starts seeded, B_g
     at zero (PEFT's init). A server optimizer acts on the factors the clients send back
     this round (``uploaded_at``; RoLoRA's one factor): x = (A_g, B_g), the pseudo-gradient
-    the change the rule's average makes to them."""
+    the change the rule's average makes to them. SCAFFOLD's control variates live on the same factors
+    (those of ``uploaded_at``: RoLoRA's round moves one factor's c only).
 
     server_opt_space = "factors"
 

@@ -28,14 +28,16 @@ from fedlora.data import ClientDataset
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.update import ClientUpdate
 from fedlora.simulation.config import SimConfig
-from fedlora.simulation.round import client_stream, local_plan, served_rank, trained_update
+from fedlora.simulation.round import (client_stream, control_shift_of, control_step, local_plan, served_rank,
+                                      trained_update)
 from fedlora.simulation.setup import RunSetup, setup_run
 from fedlora.simulation.trainer import train_clients
 from fedlora.strategies import registry
 from fedlora.strategies.base import merge_parts
 
 from .config import load_run_config
-from .wire import NodeProfile, TrainInstruction, decode_train, encode_profile, encode_reply
+from .wire import (CONTROLS, NodeProfile, TrainInstruction, controls_record, decode_controls, decode_train,
+                   encode_profile, encode_reply)
 
 # Called before a node trains (tests use it to make a node fail mid-round).
 TrainHook = Callable[[Context, TrainInstruction], None]
@@ -69,23 +71,31 @@ def node_client(context: Context, data: RunSetup) -> tuple[int, ClientDataset, i
 
 
 def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: TrainInstruction,
-                 state: dict | None = None) -> ClientUpdate:
+                 state: dict | None = None, controls: dict | None = None) -> ClientUpdate:
     """One round of local training of ``client`` from the factors the server sent.
 
     state: the client's own memory across rounds (the rule's client-side hooks, e.g. HetLoRA's
     previous tail norm), read and updated in place; the ClientApp keeps it in the node's context.
+    controls: SCAFFOLD's memory when the server sent its c (``task.controls``): ``{"own": c_k or
+    None}`` is read, and ``"own"`` (c_k^+) and ``"delta"`` (Delta c_k, for the reply) are set.
     """
     fm = data.fm
     factors = task.factors
     rule = registry.create(cfg.strategy, cfg.strategy_options, use_rslora=cfg.use_rslora, seed=cfg.seed)
     fm.load_clients([factors])
     fm.set_deltas(merge_parts(task.global_parts) if task.global_parts else None)
+    controls = {} if controls is None else controls
+    shift = None if task.controls is None else [control_shift_of(task.controls, controls.get("own"), factors)]
     plan = local_plan(cfg, [client], train_A=task.train_A, train_B=task.train_B, rule=rule,
-                      ranks=[served_rank(factors)])
+                      ranks=[served_rank(factors)], controls=shift)
     stream = client_stream(cfg, task.round, client)
     torch.manual_seed(stable_seed(cfg.seed, "round", task.round))  # dropout, as simulate seeds each round
     losses = train_clients(fm, [client], [stream], plan, data.pad_id)[0]
     fm.set_deltas(None)
+    if task.controls is not None:
+        trained = fm.client_factors(0, {n: f[2] for n, f in factors.items()})
+        controls["delta"], controls["own"] = control_step(task.controls, controls.get("own"), factors, trained,
+                                                          plan.lr_sum(0))
     return trained_update(cfg, fm, 0, client, factors, losses, rule, state)
 
 
@@ -129,8 +139,12 @@ def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | No
         # The client's memory across rounds lives in the node's context (Flower keeps it for the run).
         memory = context.state.config_records.get(CLIENT_STATE_KEY)
         state = json.loads(memory["json"]) if memory is not None else {}
-        reply = encode_reply(train_client(run_cfg, data, client, task, state))
+        # SCAFFOLD: the node keeps its own c_k there too and sends only Delta c_k
+        controls = {"own": decode_controls(context.state)}
+        update = train_client(run_cfg, data, client, task, state, controls)
         context.state.config_records[CLIENT_STATE_KEY] = ConfigRecord({"json": json.dumps(state)})
-        return Message(reply, reply_to=message)
+        if "own" in controls and controls["own"] is not None:
+            context.state[CONTROLS] = controls_record(controls["own"])
+        return Message(encode_reply(update, controls.get("delta")), reply_to=message)
 
     return app

@@ -9,10 +9,13 @@ what ``fedlora simulate`` does per round, over a Flower Grid:
    shapes), once per node, and build the fedlora strategy from that;
 2. sample nodes as simulate samples clients (seeded by round; the same clients
    when every client has a node);
-3. send each node ``strategy.distribute(...)`` at the node's rank;
+3. send each node ``strategy.distribute(...)`` at the node's rank (with SCAFFOLD also
+   the server's control variate c at that rank; the node keeps its own c_k in its
+   Flower context and sends back Delta c_k);
 4. decode every reply (a ClientUpdate safetensors blob), reject malformed ones
    with a reason, note nodes that failed or never answered, and aggregate the
-   rest with ``strategy.aggregate`` (which validates each update);
+   rest with ``strategy.aggregate`` (which validates each update; SCAFFOLD's
+   accepted Delta c_k then go into c);
 5. record the round (accepted, rejected with reasons, missing nodes, bytes up and
    down) and, with an ``output_dir``, write ``metrics.jsonl`` and the strategy
    state after every round (and ``progress.json``, the nodes a round waits for,
@@ -36,8 +39,9 @@ from fedlora.federated.update import atomic_write
 from fedlora.simulation import reporting
 from fedlora.simulation.config import SimConfig
 from fedlora.simulation.export import export_peft_adapter
-from fedlora.simulation.round import (base_bytes, factor_bytes, round_record, sample, served_rank, served_ranks,
-                                      start_factors, upload_bytes)
+from fedlora.simulation.corrections import control_bytes
+from fedlora.simulation.round import (aggregate_round, base_bytes, factor_bytes, round_record, sample, served_rank,
+                                      served_ranks, start_factors, start_ranks, upload_bytes)
 from fedlora.simulation.setup import make_strategy
 from fedlora.strategies import Strategy
 
@@ -46,6 +50,7 @@ from .grid import DepartureAwareGrid
 from .wire import (
     NodeProfile,
     decode_profile,
+    decode_controls,
     decode_reply,
     global_arrays,
     encode_train,
@@ -134,14 +139,17 @@ class FedLoRAStrategy(FlowerStrategy):
             except ValueError as exc:  # e.g. a rank the strategy cannot serve
                 not_started[profile.client_id] = f"not started: {exc}"
                 continue
+            # SCAFFOLD: the server's c at the node's ranks goes with the factors (the node keeps its own c_k)
+            controls = (strategy.server_controls(start_ranks(factors), strategy.uploaded_at(round_idx))
+                        if self.cfg.scaffold else None)
             content = encode_train(round_idx, server_round, profile.client_id, factors, deltas,
-                                   "A" in trainable, train_B="B" in trainable)
+                                   "A" in trainable, train_B="B" in trainable, controls=controls)
             messages.append(Message(content, dst_node_id=profile.node_id, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
             self._sent[profile.node_id] = (profile, served_rank(factors))
             self._served.update(served_ranks([profile.client_id], [factors]))
-            bytes_down += factor_bytes(factors)
+            bytes_down += factor_bytes(factors) + control_bytes(controls)
             payload_down += payload_bytes(content)
         self._round = {"round": round_idx, "server_round": server_round, "started": started,
                        "not_started": not_started, "bytes_down": bytes_down,
@@ -170,7 +178,7 @@ class FedLoRAStrategy(FlowerStrategy):
                 by_node[node_id] = msg
             else:
                 log.warning("round %d: ignoring a reply from node %d, which was not sent work", info["round"], node_id)
-        updates, rejected, missing = [], dict(info["not_started"]), {}
+        updates, rejected, missing, control_deltas = [], dict(info["not_started"]), {}, {}
         bytes_up = payload_up = 0
         for node_id, (profile, _) in sorted(self._sent.items(), key=lambda kv: kv[1][0].client_index):
             cid, msg = profile.client_id, by_node.get(node_id)
@@ -187,12 +195,23 @@ class FedLoRAStrategy(FlowerStrategy):
                 if update.client_id != cid:
                     rejected[cid] = f"node {node_id} holds client {cid!r} but sent an update of {update.client_id!r}"
                     continue
-                bytes_up += upload_bytes(update, self.strategy.uploaded_at(info["round"]))
+                if self.cfg.scaffold:  # Delta c_k beside the update; its form and shapes are checked below
+                    delta, reason = guarded(decode_controls, msg.content)
+                    if reason is not None:
+                        rejected[cid] = f"malformed reply from node {node_id}: {reason}"
+                        continue
+                    if delta is not None:
+                        control_deltas[cid] = delta
+                bytes_up += (upload_bytes(update, self.strategy.uploaded_at(info["round"]))
+                             + control_bytes(control_deltas.get(cid)))
                 updates.append(update)
         for cid, reason in missing.items():
             log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
-        # validates each update (against the ranks each node was sent); bad ones come back with a reason
-        result = self.strategy.aggregate(updates, served=self._served)
+        # validates each update (against the ranks each node was sent; with SCAFFOLD its Delta c_k too);
+        # bad ones come back with a reason
+        num_clients = max(p.num_clients for p, _ in self._sent.values()) if self._sent else 1
+        result = aggregate_round(self.cfg, self.strategy, info["round"], updates, self._served, control_deltas,
+                                 num_clients, rejected)
         self._follow_pruned_ranks(updates)
         sent = sorted(self._sent.values(), key=lambda v: v[0].client_index)
         self.totals["bytes_up"] += bytes_up

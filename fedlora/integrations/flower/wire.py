@@ -12,6 +12,11 @@ Three exchanges, each one Flower ``Message`` with a ``RecordDict``:
   ``{module}.global_B`` [d_out, R], the stacked factors, and ``{module}.global_dense``
   [d_out, d_in] once a module's stack has been folded into a dense matrix) and the round (``fedlora.round`` ConfigRecord: round index, client
   id, per-module alphas as JSON, whether A and B train).
+* SCAFFOLD (``scaffold = true``): the train message also holds the server's control variate at
+  the node's rank and the reply the client's change Delta c_k, each a ``fedlora.scaffold``
+  ArrayRecord (``{module}.control_A`` [r, d_in], ``{module}.control_B`` [d_out, r], for the
+  factors the round's clients send back); the node keeps its own c_k in its context (the same
+  record in ``context.state``).
 * reply: the node's :class:`~fedlora.federated.update.ClientUpdate` as its
   safetensors blob, one ``Array`` of stype ``fedlora.update`` in the
   ``fedlora.update`` ArrayRecord (Flower chunks big arrays for transport), and a
@@ -35,8 +40,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedlora.federated.strict import MAX_COUNT, json_object, strict_int, strict_str
 from fedlora.federated.update import ClientUpdate
+from fedlora.strategies.scaffold import Controls
 
 PROFILE, START, ROUND, UPDATE = "fedlora.profile", "fedlora.start", "fedlora.round", "fedlora.update"
+CONTROLS = "fedlora.scaffold"  # SCAFFOLD: c down, Delta c_k up, c_k in a node's context
+_CONTROL = (".control_A", ".control_B")
 METRICS = "metrics"
 UPDATE_STYPE = "fedlora.update"  # an Array whose data is a ClientUpdate safetensors blob
 _A, _B = ".lora_A", ".lora_B"
@@ -72,6 +80,7 @@ class TrainInstruction:
     global_parts: dict[str, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None  # FLoRA.global_parts
     train_A: bool
     train_B: bool = True
+    controls: Controls | None = None  # SCAFFOLD: the server's c at this node's ranks
 
 
 # ------------------------------------------------------------------ profile
@@ -136,13 +145,17 @@ def global_arrays(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, t
 
 def encode_train(round_idx: int, server_round: int, client_id: str,
                  factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                 deltas: Mapping[str, Array] | None, train_A: bool, *, train_B: bool = True) -> RecordDict:
+                 deltas: Mapping[str, Array] | None, train_A: bool, *, train_B: bool = True,
+                 controls: Controls | None = None) -> RecordDict:
     arrays = ArrayRecord({**start_arrays(factors), **(deltas or {})})
-    return RecordDict({START: arrays, ROUND: ConfigRecord({
+    content = RecordDict({START: arrays, ROUND: ConfigRecord({
         "round": round_idx, "server-round": server_round, "client-id": client_id, "train-A": bool(train_A),
         "train-B": bool(train_B),
         "alphas": json.dumps({n: float(f[2]) for n, f in factors.items()}),
     })})
+    if controls is not None:
+        content[CONTROLS] = controls_record(controls)
+    return content
 
 
 def decode_train(content: RecordDict) -> TrainInstruction:
@@ -159,18 +172,22 @@ def decode_train(content: RecordDict) -> TrainInstruction:
                 parts[name] = (None if dense is None else _tensor(dense), _tensor(arrays[key]),
                                _tensor(arrays[name + _GLOBAL[2]]))
         return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, parts or None,
-                                _flag(cfg, "train-A"), _flag(cfg, "train-B"))
+                                _flag(cfg, "train-A"), _flag(cfg, "train-B"), decode_controls(content))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed train message: {type(exc).__name__}: {exc}") from None
 
 
 # -------------------------------------------------------------------- reply
-def encode_reply(update: ClientUpdate) -> RecordDict:
+def encode_reply(update: ClientUpdate, controls: Controls | None = None) -> RecordDict:
+    """The node's update and (SCAFFOLD) its Delta c_k."""
     blob = update.to_bytes()
     array = Array(dtype="uint8", shape=(len(blob),), stype=UPDATE_STYPE, data=blob)
     metrics = {"num-examples": int(update.num_examples)}
     metrics.update({k.replace("_", "-"): float(v) for k, v in update.metrics.items()})
-    return RecordDict({UPDATE: ArrayRecord({"update": array}), METRICS: MetricRecord(metrics)})
+    content = RecordDict({UPDATE: ArrayRecord({"update": array}), METRICS: MetricRecord(metrics)})
+    if controls is not None:
+        content[CONTROLS] = controls_record(controls)
+    return content
 
 
 def decode_reply(content: RecordDict) -> ClientUpdate:
@@ -188,6 +205,38 @@ def decode_reply(content: RecordDict) -> ClientUpdate:
         if reported != update.num_examples:
             raise ValueError(f"num-examples {reported} in the metrics differs from the update's {update.num_examples}")
     return update
+
+
+def controls_record(controls: Controls) -> ArrayRecord:
+    """Control variates (or their changes) as an ArrayRecord: ``{module}.control_A|B``."""
+    out = {}
+    for name, pair in controls.items():
+        for suffix, tensor in zip(_CONTROL, pair):
+            if tensor is not None:
+                out[name + suffix] = Array(tensor.detach().cpu().contiguous())
+    return ArrayRecord(out)
+
+
+def decode_controls(content: RecordDict) -> Controls | None:
+    """The control variates of a message's ``fedlora.scaffold`` record, or None when it has none.
+
+    Strict about the form (an ArrayRecord of ``{module}.control_A|B`` floating-point arrays); the receiver
+    checks modules, factors, shapes and values against what it sent (``control_problem``).
+    """
+    if CONTROLS not in content:
+        return None
+    record = _get(content, CONTROLS, ArrayRecord)
+    found: dict[str, list] = {}
+    for key, array in record.items():
+        suffix = next((s for s in _CONTROL if key.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(f"{CONTROLS}: unexpected array {_short(key, 80)!r}; expected MODULE{_CONTROL[0]} "
+                             f"or MODULE{_CONTROL[1]}")
+        tensor = _tensor(array)
+        if not tensor.is_floating_point():
+            raise ValueError(f"{CONTROLS}: {_short(key, 80)} has dtype {tensor.dtype}; expected floating point")
+        found.setdefault(key[: -len(suffix)], [None, None])[_CONTROL.index(suffix)] = tensor
+    return {name: (a, b) for name, (a, b) in found.items()}
 
 
 def guarded(decode: Callable[..., T], *args) -> tuple[T | None, str | None]:
