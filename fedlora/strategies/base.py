@@ -566,8 +566,8 @@ class TruncatedFactors(ControlVariates, Strategy):
     ``init_global(rank=R)`` (per module: ``module_ranks``); A_g starts seeded, B_g
     at zero (PEFT's init). A server optimizer acts on the factors the clients send back
     this round (``uploaded_at``; RoLoRA's one factor): x = (A_g, B_g), the pseudo-gradient
-    the change the rule's average makes to them. SCAFFOLD's control variates live on the same factors
-    (those of ``uploaded_at``: RoLoRA's round moves one factor's c only).
+    the change the rule's average makes to them. SCAFFOLD's control variates live on the
+    same factors (those of ``uploaded_at``: a RoLoRA round moves one factor's c only)."""
 
     server_opt_space = "factors"
 
