@@ -125,7 +125,7 @@ def test_corrections_equal_a_float64_restatement(optimizer, prox_mu, scaffold):
         # compared as changes from the start; fedlora's token loss is computed in fp32 (client_losses),
         # ~1e-7 relative in the loss gradients, which the few steps carry into the changes
         err = _worst(got[k], want, starts[k])
-        assert err < 1e-6, (k, err)  # measured ~1e-8
+        assert err < 1e-5, (k, err)  # measured 1e-8 (SGD) to 2e-6 (Adam divides tiny gradients by their own size)
         if scaffold or STEPS[k] > 1:  # (a proximal term has no gradient at a client's first step, theta = theta^0)
             assert _worst(plain[k], want, starts[k]) > 100 * max(err, 1e-6)  # the terms matter at this tolerance
 
@@ -174,12 +174,17 @@ def test_server_control_update_and_refusals():
 def _scaffold_run(tmp_path, name, stop_after=None, **kw):
     cfg = dict(model=TINY, rounds=3, clients_per_round=3, local_steps=2, batch_size=2, lr=1e-2,
                rank_levels=[2, 4, 8], strategy="hetlora", strategy_options={"self_prune": False}, progress=False,
-               eval_every=0, output_dir=str(tmp_path / name))
+               eval_every=0, eval_base=False, output_dir=str(tmp_path / name))
     cfg.update(kw)
     return simulate(cfg, data=synthetic_data(5), stop_after=stop_after)
 
 
-def test_simulate_keeps_c_the_average_of_every_clients_c_k(tmp_path):
+@pytest.mark.parametrize("strategy,kw", [
+    ("hetlora", {"strategy_options": {"self_prune": False}}),
+    ("rolora", {"strategy_options": {"server_opt": "avgm", "server_lr": 0.5}}),  # c of one factor per round
+    ("fedexlora", {"rank_distribution": "homogeneous", "strategy_options": {}}),
+])
+def test_simulate_keeps_c_the_average_of_every_clients_c_k(strategy, kw, tmp_path):
     """SCAFFOLD's invariant: with every Delta c_k accepted, c = (1/N) sum over all N clients of pad(c_k)."""
     from fedlora.simulation import run as run_module
 
@@ -192,21 +197,23 @@ def test_simulate_keeps_c_the_average_of_every_clients_c_k(tmp_path):
 
     run_module.run_round = spy
     try:
-        res = _scaffold_run(tmp_path, "scaffold", scaffold=True, prox_mu=0.1)
+        res = _scaffold_run(tmp_path, "scaffold", scaffold=True, prox_mu=0.1, strategy=strategy, **kw)
     finally:
         run_module.run_round = original
-    strategy, controls, N = res.strategy, seen["controls"], len(res.client_ranks)
+    rule, controls, N = res.strategy, seen["controls"], len(res.client_ranks)
     assert N == 5 and len(controls) == 5  # 3 per round over 3 rounds: every client trained at least once
-    for name in strategy.module_shapes:
-        R = strategy.module_ranks[name]
-        c_A, c_B = strategy.server_controls({name: R}, "AB")[name]
+    for name in rule.module_shapes:
+        R = rule.module_ranks[name]
+        c_A, c_B = rule.server_controls({name: R}, "AB")[name]
         want_A, want_B = torch.zeros_like(c_A), torch.zeros_like(c_B)
         for own in controls.values():
             a, b = own[name]
-            want_A[: a.shape[0]] += a / N
-            want_B[:, : b.shape[1]] += b / N
+            if a is not None:
+                want_A[: a.shape[0]] += a / N
+            if b is not None:
+                want_B[:, : b.shape[1]] += b / N
         # fp32 sums of a few terms: rounding ~1e-7 relative
-        assert rel(c_A, want_A) < 1e-5 and rel(c_B, want_B) < 1e-5 and c_B.norm() > 0
+        assert rel(c_A, want_A) < 1e-5 and rel(c_B, want_B) < 1e-5 and c_A.norm() > 0 and c_B.norm() > 0
 
 
 def test_scaffold_bytes_and_resume(tmp_path):

@@ -23,6 +23,9 @@ RUNS = {
     "hetlora-scaffold-prox-adam": ("hetlora", dict(scaffold=True, prox_mu=0.05, rounds=4, strategy_options={
         "server_opt": "adam", "server_lr": 0.05, "prune_gamma": 0.5, "prune_lambda": 0.5})),
     "ffalora-scaffold-avgm": ("ffalora", dict(scaffold=True, strategy_options={"server_opt": "avgm"})),
+    # RoLoRA: B rounds and A rounds, each moving its own factor's c and moments
+    "rolora-scaffold-prox-adam": ("rolora", dict(scaffold=True, prox_mu=0.1, rounds=3, strategy_options={
+        "server_opt": "adam", "server_lr": 0.05})),
     "flexlora-prox-yogi": ("flexlora", dict(prox_mu=0.1, strategy_options={"server_opt": "yogi",
                                                                              "server_lr": 0.1})),
     "flora-prox-avgm": ("flora", dict(prox_mu=0.1, strategy_options={"server_opt": "avgm", "server_lr": 0.8})),

@@ -84,8 +84,8 @@ def _per_factor(fn, *controls: Controls) -> Controls:
 
 
 def control_shift(server: Controls, own: Controls | None) -> Controls:
-    """c - c_k per module (c_k = 0 for a client that has none yet)."""
-    return server if own is None else _per_factor(lambda c, o: c - o.to(c), server, own)
+    """c - c_k per module (c_k = 0 where a client has none yet: a new client, a factor not yet trained)."""
+    return server if own is None else _per_factor(lambda c, o: c if o is None else c - o.to(c), server, own)
 
 
 def control_delta(server: Controls, start: Mapping[str, tuple], trained: Mapping[str, tuple],
