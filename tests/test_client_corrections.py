@@ -232,8 +232,28 @@ def test_scaffold_bytes_and_resume(tmp_path):
 def test_config_refuses_scaffold_where_it_is_not_defined():
     with pytest.raises(ValueError, match="scaffold needs a rule .*fedavg, ffalora, hetlora.*flora's clients"):
         SimConfig(strategy="flora", scaffold=True).validate()
-    with pytest.raises(ValueError, match="prox_mu must be a finite number >= 0"):
-        SimConfig(prox_mu=-0.1).validate()
+    for bad in (-0.1, float("inf"), True):
+        with pytest.raises(ValueError, match="config: prox_mu must be"):
+            SimConfig(prox_mu=bad).validate()
     with pytest.raises(ValueError, match="scaffold must be true or false"):
         SimConfig(strategy="fedavg", scaffold="yes").validate()
     assert SimConfig.load(None, ["--strategy", "ffalora", "--scaffold", "true", "--prox_mu", "0.01"]).scaffold
+
+
+def test_a_saved_c_is_checked_when_loaded(tmp_path):
+    s = HetLoRA(self_prune=False)
+    s.init_global(SHAPES, rank=4)
+    gen = torch.Generator().manual_seed(5)
+    delta = {n: tuple(t.float() for t in pair) for n, pair in _random_controls(SHAPES, dict.fromkeys(SHAPES, 4),
+                                                                                gen).items()}
+    s.update_controls({"a": delta}, {"a": dict.fromkeys(SHAPES, 4)}, num_clients=3, factors="AB")
+    s.save(tmp_path / "s.safetensors")
+    back = HetLoRA(self_prune=False)
+    back.load(tmp_path / "s.safetensors")
+    name = next(iter(SHAPES))
+    assert torch.equal(back.server_controls({name: 4}, "AB")[name][1], delta[name][1] / 3)
+    meta, tensors = s.state_dict().values()
+    for key, value in ((f"scaffold.{name}.A", torch.zeros(3, SHAPES[name][1])),
+                       ("scaffold.model.layers.9.q_proj.B", torch.zeros(48, 4))):
+        with pytest.raises(ValueError, match="expected \\[4, 40\\]|not a control variate of this state's modules"):
+            HetLoRA().load_state_dict({"meta": meta, "tensors": {**tensors, key: value}})

@@ -51,7 +51,7 @@ from fedlora.federated.strict import strict_bool, strict_float, strict_int, stri
 from fedlora.federated.validation import norm_outliers, validate_update
 
 from . import server_opt as server_opts
-from .scaffold import ControlVariates
+from .scaffold import CONTROLS_PREFIX, ControlVariates
 
 log = logging.getLogger("fedlora.strategies")
 
@@ -446,8 +446,11 @@ class Strategy(abc.ABC):
                     return f"{key} has shape {list(shape)}; module {name} is {d_out} x {d_in}"
         # parts a subclass adds beyond its parent's layout are its own; a module the state does not have is not
         extra = sorted(k for k in set(self._tensors) - expected
-                       if not k.startswith(server_opts.PREFIX) and k.rpartition(".")[0] not in self.module_shapes)
-        return f"tensors of modules the state does not have: {extra[:5]}" if extra else None
+                       if not k.startswith((server_opts.PREFIX, CONTROLS_PREFIX))
+                       and k.rpartition(".")[0] not in self.module_shapes)
+        if extra:
+            return f"tensors of modules the state does not have: {extra[:5]}"
+        return self._controls_problem() if self.admits_scaffold else None
 
     def _state_layout(self, name: str) -> dict[str, list[tuple]] | None:
         """Part -> allowed shapes of module ``name``'s state tensors ``{name}.{part}``: each shape a tuple of

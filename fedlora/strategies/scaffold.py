@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+CONTROLS_PREFIX = "scaffold."  # the state's keys: scaffold.{module}.A|B
 # module -> (c_A [r, d_in], c_B [d_out, r]); None for a factor the round does not send back
 Controls = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -72,7 +73,7 @@ class ControlVariates:
                         total[:r] += d.to(total)
                     else:
                         total[:, :r] += d.to(total)
-                self._tensors[f"scaffold.{name}.{key}"] = c + total / num_clients
+                self._tensors[f"{CONTROLS_PREFIX}{name}.{key}"] = c + total / num_clients
         return refused
 
     def _controls(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +81,25 @@ class ControlVariates:
         d_out, d_in = self.module_shapes[name]
         R = self.module_ranks[name]
         kw = dict(dtype=self.dtype, device=self.device)
-        c_A = self._tensors.get(f"scaffold.{name}.A")
-        c_B = self._tensors.get(f"scaffold.{name}.B")
+        c_A = self._tensors.get(f"{CONTROLS_PREFIX}{name}.A")
+        c_B = self._tensors.get(f"{CONTROLS_PREFIX}{name}.B")
         return (torch.zeros(R, d_in, **kw) if c_A is None else c_A), (torch.zeros(d_out, R, **kw) if c_B is None
                                                                         else c_B)
+
+    def _controls_problem(self) -> str | None:
+        """Why the loaded state's c cannot be this one (a module it does not have, a shape), or None."""
+        for key, t in self._tensors.items():
+            if not key.startswith(CONTROLS_PREFIX):
+                continue
+            name, _, factor = key[len(CONTROLS_PREFIX):].rpartition(".")
+            if name not in self.module_shapes or factor not in ("A", "B"):
+                return f"{key}: not a control variate of this state's modules"
+            d_out, d_in = self.module_shapes[name]
+            R = self.module_ranks.get(name)
+            want = (R, d_in) if factor == "A" else (d_out, R)
+            if tuple(t.shape) != want:
+                return f"{key} has shape {list(t.shape)}, expected {list(want)}"
+        return None
 
     def control_problem(self, delta, served: Mapping[str, int] | None, factors: Sequence[str]) -> str | None:
         """Why a client's Delta c_k is unacceptable (names, shapes, the ranks it was ``served``, a change for
