@@ -24,7 +24,7 @@ _CHARS_PER_TOKEN_BOUND = 16
 
 
 def check_messages(messages: Sequence[dict]) -> None:
-    """Reject anything but a list of {"role": one of ROLES, "content": str} with a user turn before an assistant turn."""
+    """Reject anything but {"role": one of ROLES, "content": str} turns with a user turn before an assistant turn."""
     if not messages:
         raise ValueError("conversation is empty")
     for i, m in enumerate(messages):

@@ -151,7 +151,8 @@ def csv_rows(cells: list[CellResult]) -> tuple[list[str], list[dict]]:
     rows = []
     for c in cells:
         last = c.metrics[-1] if c.metrics else {}
-        row = {"cell": c.name, "run": c.run, "rule": c.rule, "strategy": c.config["strategy"], "rank_distribution": c.dist,
+        row = {"cell": c.name, "run": c.run, "rule": c.rule, "strategy": c.config["strategy"],
+               "rank_distribution": c.dist,
                "seed": c.seed, "rounds": len(c.metrics), "clients_per_round": c.config["clients_per_round"],
                "bytes_up_total": last.get("total_bytes_up", ""), "bytes_down_total": last.get("total_bytes_down", ""),
                "bytes_up_per_round": round(last["total_bytes_up"] / len(c.metrics)) if c.metrics else "",
