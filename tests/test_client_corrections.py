@@ -15,7 +15,7 @@ from fedlora.simulation import simulate
 from fedlora.simulation.config import SimConfig
 from fedlora.simulation.round import control_shift_of, control_step
 from fedlora.simulation.trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
-from fedlora.strategies import HetLoRA
+from fedlora.strategies import HetLoRA, registry
 
 from .fl_helpers import SHAPES, rel
 from .test_simulation import TARGETS, TINY, synthetic_clients, synthetic_data
@@ -60,13 +60,12 @@ def _reference(k, optimizer, prox_mu=MU, scaffold=True, frozen_A=False):
     minimised by a stock torch optimizer; returns its trained factors."""
     fm, pad, clients, starts, sent, own = _setup(torch.float64, frozen_A)
     fm.load_clients([starts[k]])
-    params, centre, shift = [], [], []
+    centre, shift = [], []  # per trained factor, in live_factors' order
     for name, (A, B) in fm.live_factors(0).items():
         c, o = sent[k][name], own[k][name]
         for key, p, c_p, o_p in (("A", A, c[0], o[0]), ("B", B, c[1], o[1])):
             if key == "A" and frozen_A:
                 continue
-            params.append(p)
             centre.append(p.detach().clone())
             shift.append(c_p - o_p)
     banks = fm.banks()
@@ -75,7 +74,8 @@ def _reference(k, optimizer, prox_mu=MU, scaffold=True, frozen_A=False):
         if frozen_A:
             bank.A.requires_grad_(False)
     leaves = [t for b in banks for t in ((b.B,) if frozen_A else (b.A, b.B))]
-    opt = (torch.optim.SGD(leaves, lr=LR) if optimizer == "sgd" else torch.optim.AdamW(leaves, lr=LR, weight_decay=0.01))
+    opt = (torch.optim.SGD(leaves, lr=LR) if optimizer == "sgd"
+           else torch.optim.AdamW(leaves, lr=LR, weight_decay=0.01))
     stream = ExampleStream(clients[k].train, seed=100 + k)
     fm.model.train()
     for s in range(STEPS[k]):
@@ -179,13 +179,18 @@ def _scaffold_run(tmp_path, name, stop_after=None, **kw):
     return simulate(cfg, data=synthetic_data(5), stop_after=stop_after)
 
 
-@pytest.mark.parametrize("strategy,kw", [
-    ("hetlora", {"strategy_options": {"self_prune": False}}),
-    ("rolora", {"strategy_options": {"server_opt": "avgm", "server_lr": 0.5}}),  # c of one factor per round
-    ("fedexlora", {"rank_distribution": "homogeneous", "strategy_options": {}}),
-])
-def test_simulate_keeps_c_the_average_of_every_clients_c_k(strategy, kw, tmp_path):
+SCAFFOLD_RUNS = {  # every rule that admits SCAFFOLD (the new ones as they land), one rank where it needs one
+    name: {"rank_distribution": "homogeneous", "strategy_options": {}}
+    for name in registry.names() if registry.lookup(name).admits_scaffold}
+SCAFFOLD_RUNS["hetlora"] = {"strategy_options": {"self_prune": False}}  # mixed ranks: c_k padded into c
+if "rolora" in SCAFFOLD_RUNS:  # c of one factor per round, beside a server optimizer
+    SCAFFOLD_RUNS["rolora"]["strategy_options"] = {"server_opt": "avgm", "server_lr": 0.5}
+
+
+@pytest.mark.parametrize("strategy", list(SCAFFOLD_RUNS))
+def test_simulate_keeps_c_the_average_of_every_clients_c_k(strategy, tmp_path):
     """SCAFFOLD's invariant: with every Delta c_k accepted, c = (1/N) sum over all N clients of pad(c_k)."""
+    kw = SCAFFOLD_RUNS[strategy]
     from fedlora.simulation import run as run_module
 
     seen = {}
@@ -212,8 +217,12 @@ def test_simulate_keeps_c_the_average_of_every_clients_c_k(strategy, kw, tmp_pat
                 want_A[: a.shape[0]] += a / N
             if b is not None:
                 want_B[:, : b.shape[1]] += b / N
-        # fp32 sums of a few terms: rounding ~1e-7 relative
-        assert rel(c_A, want_A) < 1e-5 and rel(c_B, want_B) < 1e-5 and c_A.norm() > 0 and c_B.norm() > 0
+        for c, want in ((c_A, want_A), (c_B, want_B)):
+            if want.norm() == 0:  # a factor no round trains (FFA-LoRA's A) keeps c = 0
+                assert torch.equal(c, want) and rule.trainable == ("B",)
+            else:  # fp32 sums of a few terms: rounding ~1e-7 relative
+                assert rel(c, want) < 1e-5
+        assert c_B.norm() > 0
 
 
 def test_scaffold_bytes_and_resume(tmp_path):
@@ -232,6 +241,9 @@ def test_scaffold_bytes_and_resume(tmp_path):
 def test_config_refuses_scaffold_where_it_is_not_defined():
     with pytest.raises(ValueError, match="scaffold needs a rule .*fedavg, ffalora, hetlora.*flora's clients"):
         SimConfig(strategy="flora", scaffold=True).validate()
+    for rule in ("flexlora", "fedsvd"):  # a new basis every round (FlexLoRA's and FedSVD's re-factorisation)
+        with pytest.raises(ValueError, match=f"scaffold needs .*; {rule}'s clients"):
+            SimConfig(strategy=rule, scaffold=True).validate()
     for bad in (-0.1, float("inf"), True):
         with pytest.raises(ValueError, match="config: prox_mu must be"):
             SimConfig(prox_mu=bad).validate()

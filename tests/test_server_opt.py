@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedlora.bank import lora_scaling
+from fedlora.federated import ClientUpdate
 from fedlora.simulation.config import SimConfig
 from fedlora.strategies import FedAvg, FFALoRA, FlexLoRA, FLoRA, HetLoRA, Strategy, registry
 
@@ -139,24 +140,42 @@ def test_flexlora_steps_the_kept_top_k_in_weight_space(kind):
             assert s._tensors[f"{n}.S"].shape == (K,)
 
 
-@pytest.mark.parametrize("rule,kw", [(FedAvg, {"rank": 4}), (HetLoRA, {"rank": 4}), (FFALoRA, {"rank": 4}),
-                                     (FLoRA, {}), (FlexLoRA, {"rank": 4})])
-def test_momentum_zero_and_lr_one_is_the_rule_alone(rule, kw):
-    plain, opt = rule(), rule(server_opt="avgm", server_momentum=0.0)
-    plain.init_global(SHAPES, **kw)
-    opt.init_global(SHAPES, **kw)
+def _trained_from(strategy, round_idx, seed):
+    """Three clients' updates as they would come back: each starts from ``strategy.distribute`` at rank 4
+    and moves (seeded noise) only the factors the round trains (``trainable_at``: frozen ones stay put)."""
+    gen = torch.Generator().manual_seed(seed)
+    ups = []
+    for k in range(3):
+        start = strategy.distribute(4, f"c{k}", alpha=8.0)
+        mods = {}
+        for name, (a, b, alpha) in start.items():
+            moved = [t + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                     if f in strategy.trainable_at(round_idx) else t for f, t in (("A", a), ("B", b))]
+            mods[name] = (*moved, alpha)
+        ups.append(ClientUpdate(f"c{k}", 5 + 3 * k, 4, mods))
+    return ups
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_rule_admits_a_server_optimizer_or_refuses_it(name):
+    """Every registered rule (the new ones as they land): with avgm at momentum 0 and lr 1 it is the rule
+    alone, over three rounds; a rule without a pseudo-gradient refuses any server optimizer by name."""
+    rule = registry.lookup(name)
+    if rule.server_opt_space is None:
+        with pytest.raises(ValueError, match=f"{name} does not admit a server optimizer"):
+            registry.check_options(name, {"server_opt": "adam"})
+        return
+    plain, opt = registry.create(name), registry.create(name, {"server_opt": "avgm", "server_momentum": 0.0})
+    for s in (plain, opt):
+        s.init_global(SHAPES, rank=4)
     for t in range(3):
-        ups = updates_for([4, 2, 3] if rule not in (FedAvg, FFALoRA) else [4, 4, 4], seed=t)
-        if rule is FFALoRA:
-            ups = [type(u)(u.client_id, u.num_examples, u.rank,
-                           {n: (plain._tensors[f"{n}.A"].clone(), b, al) for n, (a, b, al) in u.modules.items()})
-                   for u in ups]
-        plain.aggregate(ups)
-        opt.aggregate(ups)
+        for s in (plain, opt):
+            assert s.aggregate(_trained_from(s, t, seed=t)).changed
     for n in NAMES:
         # fp32 state: the optimizer path adds and subtracts x_{t-1} (FlexLoRA: SVD of a stack with U S V^T
         # twice), relative rounding ~1e-7 per operation, amplified by the SVD's conditioning
         assert rel(opt.global_delta(n), plain.global_delta(n)) < 1e-5, n
+    assert any(k.startswith("server_opt.m.") for k in opt._tensors)
 
 
 @pytest.mark.parametrize("rule,kw", [(HetLoRA, {"rank": 6}), (FLoRA, {}), (FlexLoRA, {"rank": 6})])

@@ -37,6 +37,9 @@ class FedSVD(TruncatedFactors):
     name = "fedsvd"
     trainable = ("B",)
     server_opt_space = None
+    # The server re-factorises B_bar A every round: B's coordinates change with A, so SCAFFOLD's c_B
+    # of one round would mean nothing in the next.
+    admits_scaffold = False
 
     def _init_state(self) -> None:
         super()._init_state()
