@@ -203,6 +203,23 @@ def test_state_and_moments_checkpoint_mid_run(rule, kw, kind, tmp_path):
             rule().load_state_dict({"meta": {**meta, "server_opt": bad}, "tensors": tensors})
 
 
+@pytest.mark.parametrize("rule,kind", [(HetLoRA, "adam"), (FLoRA, "avgm"), (FlexLoRA, "yogi")])
+def test_loaded_moments_are_checked(rule, kind):
+    s = rule(server_opt=kind, **settings(kind))
+    s.init_global(SHAPES, rank=4)
+    s.aggregate(updates_for([2, 4]))
+    meta, tensors = s.state_dict().values()
+    moment = next(k for k in tensors if k.startswith("server_opt.m.") and tensors[k].dim() == 2)
+    bad_shape = {**tensors, moment: torch.zeros(3, 3)}
+    stray = {**tensors, "server_opt.m.model.layers.7.q_proj.A": torch.zeros(4, 40)}
+    for bad in (bad_shape, stray):
+        with pytest.raises(ValueError, match="state disagrees with its metadata: server_opt"):
+            rule().load_state_dict({"meta": meta, "tensors": bad})
+    with pytest.raises(ValueError, match="moments, but the state has no server optimizer"):
+        rule().load_state_dict({"meta": {**meta, "server_opt": None}, "tensors": tensors})
+    rule().load_state_dict({"meta": meta, "tensors": tensors})  # the intact state loads
+
+
 def test_a_failed_round_keeps_the_moments(monkeypatch):
     s = FlexLoRA(server_opt="adam")
     s.init_global(SHAPES, rank=4)

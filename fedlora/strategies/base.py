@@ -450,7 +450,9 @@ class Strategy(abc.ABC):
                        and k.rpartition(".")[0] not in self.module_shapes)
         if extra:
             return f"tensors of modules the state does not have: {extra[:5]}"
-        return self._controls_problem() if self.admits_scaffold else None
+        opt = self.server_optimizer
+        return (server_opts.moments_problem(self._tensors, opt and opt.kind, self.server_opt_space, self.module_shapes)
+                or (self._controls_problem() if self.admits_scaffold else None))
 
     def _state_layout(self, name: str) -> dict[str, list[tuple]] | None:
         """Part -> allowed shapes of module ``name``'s state tensors ``{name}.{part}``: each shape a tuple of

@@ -193,3 +193,38 @@ def to_dense(parts: Parts, shape: tuple[int, int]) -> torch.Tensor:
     dense, A, B = parts
     product = B @ A if A.shape[0] else B.new_zeros(shape)
     return product if dense is None else dense + product
+
+
+def moments_problem(tensors: Mapping[str, torch.Tensor], kind: str | None, space: str | None,
+                    module_shapes: Mapping[str, tuple[int, int]]) -> str | None:
+    """Why the moments in a loaded state (``server_opt.*`` keys of ``tensors``) cannot be those of optimizer
+    ``kind`` (None: none) in ``space``, or None: each belongs to a parameter or module of the state and has
+    its shape (factors: the parameter's; delta: d_out x d_in, or avgm's stacked parts)."""
+    keys = sorted(k for k in tensors if k.startswith(PREFIX))
+    if keys and kind is None:
+        return f"{keys[0]}: server optimizer moments, but the state has no server optimizer"
+    stacks: dict[str, dict[str, tuple]] = {}
+    for key in keys:
+        moment, _, rest = key[len(PREFIX):].partition(".")
+        shape = tuple(tensors[key].shape)
+        if moment not in ("m", "v") or (moment == "v" and kind == "avgm"):
+            return f"{key}: not a moment of server_opt={kind!r}"
+        if space == "factors":
+            if rest not in tensors or rest.startswith(PREFIX):
+                return f"{key}: no parameter {rest!r} in the state"
+            if shape != tuple(tensors[rest].shape):
+                return f"{key} has shape {list(shape)}, its parameter {list(tensors[rest].shape)}"
+        elif kind == "avgm":  # stacked parts: NAME.dense | NAME.A | NAME.B
+            name, _, part = rest.rpartition(".")
+            if name not in module_shapes or part not in ("dense", "A", "B"):
+                return f"{key}: not a part of a module of the state"
+            stacks.setdefault(name, {})[part] = shape
+        elif rest not in module_shapes or shape != tuple(module_shapes[rest]):
+            return f"{key}: expected a dense moment of a module of the state ({list(module_shapes.get(rest, ()))})"
+    for name, parts in stacks.items():
+        d_out, d_in = module_shapes[name]
+        dense, A, B = parts.get("dense"), parts.get("A"), parts.get("B")
+        if (dense not in ((0,), (d_out, d_in)) or A is None or B is None or len(A) != 2 or len(B) != 2
+                or A[1] != d_in or B[0] != d_out or A[0] != B[1]):
+            return f"{PREFIX}m.{name}: parts {parts} do not make a {d_out} x {d_in} matrix"
+    return None
