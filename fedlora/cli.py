@@ -50,7 +50,8 @@ def _benchmark(args: argparse.Namespace) -> int:
                 grid.progress = False
             print(f"benchmark: {len(grid.cells())} cells ({len(grid.runs())} runs) into {grid.output_dir}", flush=True)
             run_grid(grid)  # writes the report when every cell has finished
-            paths = {k: grid.output_dir / f for k, f in REPORT_FILES.items()}
+            paths = {k: grid.output_dir / name for k, name in REPORT_FILES.items()}
+            paths = {k: path for k, path in paths.items() if path.is_file()}
     except (ValueError, OSError) as exc:
         print(f"fedlora benchmark: {exc}", file=sys.stderr)
         return 2

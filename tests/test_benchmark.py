@@ -88,7 +88,9 @@ def fake_cell(root: Path, grid: Grid, cells, losses: list[float], base_loss: flo
     folder.mkdir(parents=True)
     lines = [{"round": r, "eval_heldout_loss": v, "eval_heldout_ppl": math.exp(v), "eval_unseen_loss": v + 1,
               "eval_unseen_ppl": math.exp(v + 1), "bytes_up": bytes_up, "bytes_down": 2 * bytes_up,
-              "total_bytes_up": bytes_up * (r + 1), "total_bytes_down": 2 * bytes_up * (r + 1), "wall_time_s": 0.5}
+              "total_bytes_up": bytes_up * (r + 1), "total_bytes_down": 2 * bytes_up * (r + 1), "wall_time_s": 0.5,
+              "clients": ["a", "b"], "ranks": [2, 4], "client_train_loss": {"a": v + 0.1, "b": v + 0.2},
+              "spectrum": {"model.layers.0.q_proj": [4.0, 2.0, 2.0, v], "model.layers.1.q_proj": [1.0, 1.0, 0.0, 0.0]}}
              for r, v in enumerate(losses)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     (folder / "base_eval.json").write_text(json.dumps({"eval_heldout_loss": base_loss,
@@ -140,8 +142,26 @@ def test_report_is_rebuilt_from_finished_cells(tmp_path):
         wins = sum(d < 0 for d in diffs)
         assert f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1):.3f} ({wins}/{len(diffs)} better)" in paired
     assert "Base model before training: 4.000" in md
-    for key in ("curves", "bars"):
+    for key in ("curves", "bars", "spectrum"):
         assert paths[key].stat().st_size > 10_000  # a rendered PNG, not an empty figure
+    # Rank breakdown: clients "a" (rank 2) and "b" (rank 4) lose v + 0.1 and v + 0.2 in every round; the
+    # second half of 3 rounds is rounds 1 and 2; flexlora's mean over its cells' rounds 1, 2:
+    flex = [c for c in load_cells(tmp_path) if c.rule == "flexlora"]
+    second_half = [m["eval_heldout_loss"] for c in flex for m in c.metrics[1:]]
+    row = md.split("by their rank")[1].split("\n| flexlora | ")[1].split("\n")[0]
+    assert row == f"{np.mean(second_half) + 0.1:.3f} | {np.mean(second_half) + 0.2:.3f} |"
+    # Effective rank exp(H(s / sum s)): [1, 1, 0, 0] -> 2; averaged with the other module's.
+    from fedlora.simulation.benchmark_analysis import effective_rank
+
+    def entropy_rank(s):
+        p = np.array([x for x in s if x > 0]) / sum(s)
+        return float(np.exp(-(p * np.log(p)).sum()))
+
+    assert effective_rank([1.0, 1.0, 0.0, 0.0]) == pytest.approx(2.0, rel=1e-12)
+    assert effective_rank([5.0, 5.0, 5.0]) == pytest.approx(3.0, rel=1e-12) and math.isnan(effective_rank([0.0]))
+    last = flex[0].metrics[-1]["eval_heldout_loss"]
+    assert flex[0].metrics[-1]["spectrum"]["model.layers.0.q_proj"][-1] == last
+    assert "Effective rank of the final global update" in md
     again = write_report(tmp_path)  # rebuilding from the same cells gives the same tables
     assert again["md"].read_text() == md and again["csv"].read_text() == paths["csv"].read_text()
 
@@ -251,7 +271,8 @@ def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, caps
         (out / name).unlink()
     assert main(["benchmark", "--report", str(out)]) == 0
     assert {name: (out / name).read_bytes() for name in built} == built
-    assert (out / "curves.png").is_file() and (out / "bars.png").is_file()
+    assert (out / "curves.png").is_file() and (out / "bars.png").is_file() and (out / "spectrum.png").is_file()
+    assert "| flexlora | " in built["results.md"].decode().split("by their rank")[1]
 
     assert run_grid(grid) == []  # all finished: nothing runs
     toml.write_text(GRID_TOML.format(data=data, out=out).replace("rounds = 2", "rounds = 3"))

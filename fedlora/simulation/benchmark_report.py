@@ -5,8 +5,9 @@ Reads ``<dir>/cells/*/cell.json`` (written last by a finished cell), the cell's
 and writes ``results.csv`` (one row a cell), ``results.md`` (rules x rank
 distributions, mean +- std over seeds, the best in each column in bold),
 ``curves.png`` (the metric against rounds and against bytes sent, one line per
-rule, a band of +-1 std over seeds) and ``bars.png`` (the final metric of every
-cell, grouped by rule and rank distribution).
+rule, a band of +-1 std over seeds), ``bars.png`` (the final metric of every
+cell, grouped by rule and rank distribution) and, when the cells logged them,
+the rank breakdown and spectrum of ``benchmark_analysis`` (``spectrum.png``).
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import numpy as np
 
 from fedlora.federated.update import atomic_write
 
+from .benchmark_analysis import markdown_sections, spectrum_plot
 from .reporting import EVAL_KEYS as METRICS
 from .run import BASE_EVAL_FILE
 
 CELL_FILE = "cell.json"  # written last by a finished run of the grid
 GRID_FILE = "grid.json"  # the grid's settings and its cells in order
 DEFAULT_METRIC = "eval_heldout_ppl"
-REPORT_FILES = {"csv": "results.csv", "md": "results.md", "curves": "curves.png", "bars": "bars.png"}
+REPORT_FILES = {"csv": "results.csv", "md": "results.md", "curves": "curves.png", "bars": "bars.png",
+                "spectrum": "spectrum.png"}  # the last only when the cells logged spectra (log_spectrum)
 # Grid keys the tables lay out; every other grid key splits the report into one table per value.
 LAYOUT_KEYS = ("strategy", "rank_distribution", "seed")
 
@@ -255,6 +258,7 @@ def markdown(cells: list[CellResult], metric: str) -> str:
         if len(rules) > 1 and any(c.series(metric) for c in members):
             out.write(f"\n### {metric}: each rule minus {reference} on the same seed\n\n"
                       + "\n".join(paired_table(members, metric, reference)) + "\n")
+        out.write(markdown_sections(members, _ordered))
         out.write("\n### MB sent up per round (all sampled clients)\n\n")
         out.write("\n".join(metric_table(
             members, "bytes_up", lambda c: c.metrics[-1]["total_bytes_up"] / len(c.metrics) / 1e6 if c.metrics
@@ -361,4 +365,6 @@ def write_report(output_dir: str | Path, metric: str | None = None) -> dict[str,
     atomic_write(paths["md"], markdown(cells, metric).encode())
     _curves(cells, metric, paths["curves"])
     _bars(cells, metric, paths["bars"])
+    if not spectrum_plot(cells, _ordered, paths["spectrum"]):
+        del paths["spectrum"]
     return paths

@@ -1,0 +1,136 @@
+"""Why rules differ: a breakdown of the clients by rank, and the spectrum of the global update.
+
+Both read what ``simulate`` records in metrics.jsonl: ``client_train_loss`` beside
+``ranks`` (every round), and ``spectrum`` (with ``log_spectrum = k``: the k largest
+singular values of the global update of the first, middle and last layers' modules at
+every evaluation).
+
+- rank breakdown: the mean training loss of the sampled clients of each rank over the
+  second half of the rounds (the rank a client could afford; bucket trains them all at the
+  smallest), averaged over seeds;
+- effective rank (Roy & Vetterli, 2007) of a global update: exp(H(p)) with p_i = s_i / sum_j s_j
+  over its logged singular values, averaged over the logged modules: how many directions the
+  update really uses, e.g. whether rank-4 clients pull FlexLoRA's update toward rank 4.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def effective_rank(singular_values) -> float:
+    s = np.asarray([v for v in singular_values if v > 0], dtype=float)
+    if s.size == 0:
+        return float("nan")
+    p = s / s.sum()
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def spectrum_series(cell) -> list[tuple[int, float]]:
+    """(rounds completed, effective rank averaged over the logged modules) at each evaluation with a spectrum."""
+    out = []
+    for m in cell.metrics:
+        spectra = m.get("spectrum")
+        if spectra:
+            out.append((m["round"] + 1, float(np.mean([effective_rank(s) for s in spectra.values()]))))
+    return out
+
+
+def final_spectrum(cell) -> np.ndarray | None:
+    """s_i / s_1 of the last logged spectrum, averaged over its modules (all logged to the same k)."""
+    logged = [m["spectrum"] for m in cell.metrics if m.get("spectrum")]
+    if not logged:
+        return None
+    rows = []
+    for s in logged[-1].values():
+        s = np.asarray(s, dtype=float)
+        if s.size and s[0] > 0:
+            rows.append(s / s[0])
+    if not rows:
+        return None
+    k = min(len(r) for r in rows)
+    return np.mean([r[:k] for r in rows], axis=0)
+
+
+def rank_breakdown(cells) -> dict[str, dict[int, float]]:
+    """rule -> rank -> mean training loss of its clients over the second half of the rounds (all seeds)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for c in cells:
+        half = len(c.metrics) // 2
+        for m in c.metrics[half:]:
+            losses = m.get("client_train_loss") or {}
+            for cid, rank in zip(m["clients"], m["ranks"]):
+                loss = losses.get(cid)
+                if isinstance(loss, (int, float)) and math.isfinite(loss):
+                    out.setdefault(c.rule, {}).setdefault(int(rank), []).append(float(loss))
+    return {rule: {r: float(np.mean(v)) for r, v in sorted(by_rank.items())} for rule, by_rank in out.items()}
+
+
+def markdown_sections(cells, ordered) -> str:
+    """The breakdown and spectrum tables (empty when nothing of it was recorded)."""
+    parts = []
+    breakdown = rank_breakdown(cells)
+    if breakdown:
+        ranks = sorted({r for by in breakdown.values() for r in by})
+        parts.append("\n### Training loss of the sampled clients by their rank (second half of the rounds, "
+                     "all seeds and distributions)\n\n| rule | " + " | ".join(f"rank {r}" for r in ranks)
+                     + " |\n|---|" + "---|" * len(ranks) + "\n"
+                     + "".join(f"| {rule} | " + " | ".join(f"{breakdown[rule][r]:.3f}" if r in breakdown[rule]
+                                                          else "–" for r in ranks) + " |\n"
+                               for rule in ordered(c.rule for c in cells) if rule in breakdown))
+    series = [spectrum_series(c) for c in cells]
+    if any(series):
+        dists = ordered(c.dist for c in cells)
+        rows = []
+        for rule in ordered(c.rule for c in cells):
+            entries = []
+            for d in dists:
+                vals = [s[-1][1] for c, s in zip(cells, series) if c.rule == rule and c.dist == d and s]
+                entries.append(f"{np.mean(vals):.1f}" + (f" ± {np.std(vals, ddof=1):.1f}" if len(vals) > 1 else "")
+                               if vals else "–")
+            rows.append(f"| {rule} | " + " | ".join(entries) + " |")
+        k = max(len(s) for c in cells for m in c.metrics if m.get("spectrum") for s in m["spectrum"].values())
+        parts.append(f"\n### Effective rank of the final global update (of its top {k} singular values, "
+                     "first / middle / last layer averaged)\n\n| rule | " + " | ".join(dists) + " |\n|---|"
+                     + "---|" * len(dists) + "\n" + "\n".join(rows) + "\n")
+    return "".join(parts)
+
+
+def spectrum_plot(cells, ordered, path: Path) -> bool:
+    """spectrum.png: s_i / s_1 of the final update and the effective rank over rounds, one line per rule."""
+    if not any(final_spectrum(c) is not None for c in cells):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dists = ordered(c.dist for c in cells)
+    rules = ordered(c.rule for c in cells)
+    fig, axes = plt.subplots(len(dists), 2, figsize=(11, 3.6 * len(dists)), squeeze=False)
+    for row, dist in enumerate(dists):
+        for i, rule in enumerate(rules):
+            members = [c for c in cells if c.rule == rule and c.dist == dist]
+            finals = [f for f in (final_spectrum(c) for c in members) if f is not None]
+            if finals:
+                k = min(len(f) for f in finals)
+                axes[row][0].plot(range(1, k + 1), np.mean([f[:k] for f in finals], axis=0), marker=".",
+                                  color=f"C{i % 10}", label=rule)
+            series = [s for s in (spectrum_series(c) for c in members) if s]
+            if series:
+                n = min(len(s) for s in series)
+                x = [p[0] for p in series[0][:n]]
+                axes[row][1].plot(x, np.mean([[p[1] for p in s[:n]] for s in series], axis=0), marker="o",
+                                  color=f"C{i % 10}", label=rule)
+        axes[row][0].set(title=f"ranks: {dist} - final global update", xlabel="singular value index",
+                         ylabel="s_i / s_1 (mean over modules, seeds)")
+        axes[row][1].set(title=f"ranks: {dist}", xlabel="rounds", ylabel="effective rank")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
