@@ -269,3 +269,12 @@ def test_a_saved_c_is_checked_when_loaded(tmp_path):
                        ("scaffold.model.layers.9.q_proj.B", torch.zeros(48, 4))):
         with pytest.raises(ValueError, match="expected \\[4, 40\\]|not a control variate of this state's modules"):
             HetLoRA().load_state_dict({"meta": meta, "tensors": {**tensors, key: value}})
+
+
+def test_scaffold_refuses_client_level_dp():
+    from fedlora.federated import DPConfig
+
+    s = HetLoRA(dp=DPConfig(clip_norm=1.0, noise_multiplier=0.5))
+    s.init_global(SHAPES, rank=4)
+    with pytest.raises(ValueError, match="carries each client's update without the DP noise"):
+        s.server_controls(dict.fromkeys(SHAPES, 4), "AB")

@@ -35,6 +35,7 @@ class ControlVariates:
 
     def server_controls(self, module_ranks: Mapping[str, int], factors: Sequence[str]) -> Controls:
         """c at a client's served ranks (module -> rank) for ``factors`` (the round's ``uploaded_at``), copies."""
+        self._refuse_with_dp()
         out = {}
         for name, r in module_ranks.items():
             c_A, c_B = self._controls(name)
@@ -49,6 +50,7 @@ class ControlVariates:
         module -> the rank it was sent, which every Delta c_k must match; factors: the round's
         ``uploaded_at``, the factors each Delta c_k holds. Refused changes are left out.
         """
+        self._refuse_with_dp()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < len(deltas):
             raise ValueError(f"num_clients must be an int >= the {len(deltas)} clients of the round, got "
                              f"{num_clients!r}")
@@ -75,6 +77,11 @@ class ControlVariates:
                         total[:, :r] += d.to(total)
                 self._tensors[f"{CONTROLS_PREFIX}{name}.{key}"] = c + total / num_clients
         return refused
+
+    def _refuse_with_dp(self) -> None:
+        if self.dp is not None:
+            raise ValueError("SCAFFOLD with client-level DP: Delta c_k = (theta_sent - theta) / sum eta - c carries "
+                             "each client's update without the DP noise; use one or the other")
 
     def _controls(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_A, c_B) of ``name`` at the global rank; zeros before the first update."""
