@@ -5,27 +5,76 @@ import argparse
 import sys
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help layout, without breaking words at hyphens (a value like ShareGPT-format stays whole)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def simulate_help() -> str:
+    """``fedlora simulate --help``: generated from SimConfig's fields (type, default, allowed values, what it does)."""
+    from fedlora.simulation.config import SimConfig, allowed_values, settings_by_group, type_name
+
+    parser = argparse.ArgumentParser(
+        prog="fedlora simulate", usage="fedlora simulate [--config FILE] [--print-config] [--KEY VALUE ...]",
+        formatter_class=_HelpFormatter,
+        description="Federated LoRA fine-tuning with heterogeneous client ranks on one machine.\n"
+                    "With no settings: SmolLM2-135M-Instruct on Shakespeare role clients, FlexLoRA, ranks 4/8/16/32.",
+        epilog="Settings are applied in order: defaults, then --config FILE (TOML, flat or under [simulate]),\n"
+               "then --key value (or --key=value; lists comma-separated; booleans true/false).\n"
+               "`fedlora simulate --print-config > run.toml` writes every setting with its default.")
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the settings (defaults, --config, overrides) as TOML and exit")
+    defaults = SimConfig()
+    for group, fields in settings_by_group():
+        section = parser.add_argument_group(group)
+        for f in fields:
+            default = getattr(defaults, f.name)
+            shown = (",".join(map(str, default)) if isinstance(default, list) else
+                     str(default).lower() if isinstance(default, bool) else default)
+            allowed = allowed_values(f)
+            text = f.metadata["doc"] + (f"; {allowed}" if allowed else "") + \
+                (f" (default: {shown})" if shown not in ([], {}, "") else "")
+            option = f"--{f.name}" + (".NAME" if str(f.type).startswith("dict") else "")
+            section.add_argument(option, metavar="VALUE" if option.endswith(".NAME") else type_name(f),
+                                 help=text.replace("%", "%%"))
+    return parser.format_help()
+
+
 def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.help:
+        print(simulate_help(), end="")
+        return 0
     import logging
 
-    from fedlora.simulation.config import SimConfig
-    from fedlora.simulation import simulate
+    from fedlora.simulation.config import InputError, SimConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns on import that its optional CPU kernels package is absent: not the user's concern.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         cfg = SimConfig.load(args.config, overrides)
     except (ValueError, OSError) as exc:
         print(f"fedlora simulate: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    from fedlora.simulation import simulate
+
     try:
         result = simulate(cfg)
-    except ValueError as exc:  # a setting, file or checkpoint the run cannot use: one line naming it
+    except InputError as exc:  # the user's settings, files or model: one line; anything else is a bug
         print(f"fedlora simulate: {exc}", file=sys.stderr)
         return 2
-    last = result.metrics[-1] if result.metrics else {}
+    last = next((m for m in reversed(result.metrics) if "eval_heldout_ppl" in m), {})
     print(f"done: {len(result.metrics)} rounds, metrics {result.output_dir / 'metrics.jsonl'}, "
           f"plot {result.output_dir / 'metrics.png'}, adapter {result.adapter_dir}")
-    if "eval_heldout_ppl" in last:
+    if last:
         print(f"final held-out perplexity {last['eval_heldout_ppl']:.3f}"
               + (f", unseen clients {last['eval_unseen_ppl']:.3f}" if "eval_unseen_ppl" in last else ""))
     return 0
@@ -90,13 +139,16 @@ def _flower(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Only these three are parsed here; every other --key value is a SimConfig setting, and the help that
+    # lists them is generated on demand (simulate_help), so `fedlora --help` imports no torch.
     sim = sub.add_parser(
-        "simulate",
-        help="federated LoRA fine-tuning with heterogeneous client ranks (default: SmolLM2-135M x Shakespeare, FlexLoRA)",
-        description="Any setting of fedlora.simulation.config.SimConfig can follow as --key value "
-                    "(lists comma-separated, e.g. --rank_levels 4,8,16; --strategy_options.max_rank 8).",
+        "simulate", add_help=False,
+        help="federated LoRA fine-tuning with heterogeneous client ranks (default: SmolLM2-135M x Shakespeare, "
+             "FlexLoRA); `fedlora simulate --help` lists every setting",
     )
-    sim.add_argument("--config", help="TOML file with settings (flat, or under [simulate])")
+    sim.add_argument("-h", "--help", action="store_true")
+    sim.add_argument("--config")
+    sim.add_argument("--print-config", "--print_config", action="store_true")
     sim.set_defaults(func=_simulate)
     bench = sub.add_parser(
         "benchmark", help="a grid of simulate runs (rules x rank distributions x seeds ...) with tables and plots",

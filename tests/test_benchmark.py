@@ -88,10 +88,10 @@ def fake_cell(root: Path, grid: Grid, cells, losses: list[float], base_loss: flo
     folder.mkdir(parents=True)
     lines = [{"round": r, "eval_heldout_loss": v, "eval_heldout_ppl": math.exp(v), "eval_unseen_loss": v + 1,
               "eval_unseen_ppl": math.exp(v + 1), "bytes_up": bytes_up, "bytes_down": 2 * bytes_up,
-              "total_bytes_up": bytes_up * (r + 1), "total_bytes_down": 2 * bytes_up * (r + 1), "wall_time_s": 0.5,
+              "total_bytes_up": bytes_up * r, "total_bytes_down": 2 * bytes_up * r, "wall_time_s": 0.5,
               "clients": ["a", "b"], "ranks": [2, 4], "client_train_loss": {"a": v + 0.1, "b": v + 0.2},
               "spectrum": {"model.layers.0.q_proj": [4.0, 2.0, 2.0, v], "model.layers.1.q_proj": [1.0, 1.0, 0.0, 0.0]}}
-             for r, v in enumerate(losses)]
+             for r, v in enumerate(losses, start=1)]  # simulate counts rounds from 1
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     (folder / "base_eval.json").write_text(json.dumps({"eval_heldout_loss": base_loss,
                                                        "eval_heldout_ppl": math.exp(base_loss)}))
@@ -239,7 +239,7 @@ def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, caps
     assert "2 cells (2 runs)" in capsys.readouterr().out
     assert (out / "cells" / first.run / "cell.json").read_bytes() == first_record  # not run again
     metrics = [json.loads(x) for x in (out / "cells" / second.run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [0, 1]  # continued inside the cell, each round once
+    assert [m["round"] for m in metrics] == [1, 2]  # continued inside the cell, each round once
     bases = [json.loads((out / "cells" / c.run / "base_eval.json").read_text()) for c in (first, second)]
     # The same base model on the same evaluation sets: every rule's curve starts at the same point.
     assert {k: v for k, v in bases[0].items() if k != "wall_time_s"} == \

@@ -6,6 +6,7 @@ missing nodes, bytes accounting, the run config, the example app and the CLI hel
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -229,8 +230,8 @@ def test_a_node_lost_after_its_profile_is_missing(dataset, tmp_path):
     assert record["missing"] == {"user1": "node 1001: no reply (node lost, crashed, or slower than the round timeout)"}
 
 
-def test_a_restarted_node_takes_its_client_back(dataset, tmp_path):
-    """Node 1001 goes away after round 0; its client's SuperNode comes back as node 1003."""
+def test_a_restarted_node_takes_its_client_back(dataset, tmp_path, caplog):
+    """Node 1001 goes away after round 1; its client's SuperNode comes back as node 1003."""
     class Restart(LocalGrid):
         def get_node_ids(self):
             if len(self.sent) >= 6 and 1001 in self.contexts:  # 3 profiles + round 0's 3 train messages
@@ -239,8 +240,15 @@ def test_a_restarted_node_takes_its_client_back(dataset, tmp_path):
             return super().get_node_ids()
 
     cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora"))
-    wrapper = run_server(Restart(client_app(cfg), 3), cfg, FAST)
+    with caplog.at_level(logging.INFO, logger="fedlora"):
+        wrapper = run_server(Restart(client_app(cfg), 3), cfg, FAST, run_id=42)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("fedlora")]
+    # The first line says how to follow a run that `flwr run` (without --stream) left in the background.
+    assert "run 42" in lines[0] and "flwr log 42" in lines[0] and "flwr ls" in lines[0]
+    # The node that dropped out is named in the log (the stream a user watches), with its client.
+    assert any("round 2: node 1001 (client user1) left the federation" in line for line in lines), lines
     first, second = wrapper.history
+    assert [first["round"], second["round"]] == [1, 2]  # as Flower's own [ROUND 1/2] lines count
     assert first["nodes"]["user1"] == 1001 and second["nodes"]["user1"] == 1003
     assert first["accepted"] == second["accepted"] == ["user0", "user1", "user2"]
     assert sorted(wrapper.profiles) == [1000, 1002, 1003] and wrapper.node_errors == {}

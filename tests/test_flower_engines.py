@@ -265,8 +265,8 @@ def test_deployment_engine_supernode_killed_mid_round(deployment, tmp_path):
         while not (out / "progress.json").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
         progress = json.loads((out / "progress.json").read_text())
-        assert progress["round"] == 0 and set(progress["waiting_for"]) == {"repeater", "shouter"}
-        # Round 0's work has just been sent; a node needs seconds to start its ClientApp: node 1 never answers.
+        assert progress["round"] == 1 and set(progress["waiting_for"]) == {"repeater", "shouter"}
+        # Round 1's work has just been sent; a node needs seconds to start its ClientApp: node 1 never answers.
         deployment.stop("node1")
         run = deployment.wait_run(run_id, out)
     finally:

@@ -133,12 +133,14 @@ def test_cli_run_per_strategy(strategy, tmp_path, capsys):
     assert main(args) == 0
     assert "done: 3 rounds" in capsys.readouterr().out
     metrics = read_metrics(out)
-    assert [m["round"] for m in metrics] == [0, 1, 2]
-    for m in metrics:
+    base = json.loads((out / "base_eval.json").read_text())  # round 0: the base model
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    for m in [base, *metrics]:
         assert math.isfinite(m["eval_heldout_loss"]) and math.isfinite(m["eval_heldout_ppl"])
         assert math.isfinite(m["eval_unseen_loss"])
         # Instruction data: Rouge-L of greedy generations on both splits.
         assert 0.0 <= m["eval_heldout_rougeL"] <= 1.0 and 0.0 <= m["eval_unseen_rougeL"] <= 1.0
+    for m in metrics:
         assert m["state_changed"] and not m["rejected"] and len(m["accepted"]) == 4
         assert m["bytes_up"] > 0 and m["bytes_down"] > 0
     # the rule's client_base sent along: FLoRA's accumulated update, FedEx-LoRA's residual, from round 1 on
@@ -146,7 +148,7 @@ def test_cli_run_per_strategy(strategy, tmp_path, capsys):
     assert [m["bytes_down_global"] > 0 for m in metrics] == [False, sends_base, sends_base]
     losses = [m["train_loss"] for m in metrics]
     assert losses[-1] < losses[0], losses
-    assert metrics[-1]["eval_heldout_loss"] < metrics[0]["eval_heldout_loss"]
+    assert metrics[-1]["eval_heldout_loss"] < metrics[0]["eval_heldout_loss"] < base["eval_heldout_loss"]
     if strategy == "fedavg":  # bucket: clients that could train at more all train at the smallest rank
         assert set(metrics[0]["ranks"]) != {2} and final_strategy(out).rank == 2
     assert (out / "metrics.png").stat().st_size > 0
@@ -180,7 +182,7 @@ def test_shakespeare_run(tmp_path):
     res = simulate(dict(model="tiny-random-llama", dataset="shakespeare", num_clients=4, seq_len=32, rounds=2,
                         clients_per_round=3, local_steps=3, lr=0.02, rank_levels=[2, 4], eval_max_examples=8,
                         strategy="flexlora", output_dir=str(tmp_path), progress=False))
-    assert len(res.metrics) == 2 and res.adapter_dir.is_dir()
+    assert [m["round"] for m in res.metrics] == [1, 2] and res.adapter_dir.is_dir()
     last = res.metrics[-1]
     assert math.isfinite(last["eval_heldout_loss"]) and math.isfinite(last["eval_unseen_loss"])
     assert res.metrics[1]["train_loss"] < res.metrics[0]["train_loss"]
@@ -292,7 +294,7 @@ def test_simulate_batched_equals_sequential(tmp_path):
                   rank_levels=[2, 4, 8], strategy="flexlora", progress=False)
     runs = [simulate(dict(common, mode=mode, output_dir=str(tmp_path / mode)), data=synthetic_data())
             for mode in ("batched", "sequential")]
-    for a, b in zip(*(r.metrics for r in runs)):
+    for a, b in zip(*(r.metrics for r in runs), strict=True):
         assert a["clients"] == b["clients"] and a["ranks"] == b["ranks"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["eval_heldout_loss"] == pytest.approx(b["eval_heldout_loss"], rel=1e-5)
@@ -328,7 +330,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["flora", "flexlora"])
 def test_resume_ends_where_an_uninterrupted_run_ends(strategy, uninterrupted, tmp_path):
     first = simulate(resume_cfg(tmp_path, strategy), data=synthetic_data(), stop_after=1)
-    assert len(first.metrics) == 1 and first.adapter_dir is None
+    assert [m["round"] for m in first.metrics] == [1] and first.adapter_dir is None
     resumed = simulate(resume_cfg(tmp_path, strategy, resume=True), data=synthetic_data())
     full = uninterrupted[strategy]
     assert_same_state(resumed.strategy, full.strategy)
@@ -353,18 +355,18 @@ def test_crash_while_checkpointing_leaves_the_previous_checkpoint(uninterrupted,
         simulate(resume_cfg(tmp_path, "flora"), data=synthetic_data())
     monkeypatch.undo()
     ckpt = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0000"]  # no temp or half-written folder
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0001"]  # no temp or half-written folder
     assert (ckpt / (ckpt / "latest").read_text()).is_dir()
-    assert sorted(p.name for p in (ckpt / "round-0000").iterdir()) == ["state.json", "strategy.safetensors"]
+    assert sorted(p.name for p in (ckpt / "round-0001").iterdir()) == ["state.json", "strategy.safetensors"]
     resumed = simulate(resume_cfg(tmp_path, "flora", resume=True), data=synthetic_data())
     assert_same_state(resumed.strategy, uninterrupted["flora"].strategy)
 
 
 def test_checkpoints_keep_the_last_two(uninterrupted):
     ckpt = uninterrupted["flora"].output_dir / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0001", "round-0002"]
-    assert (ckpt / "latest").read_text() == "round-0002"
-    assert json.loads((ckpt / "round-0002" / "state.json").read_text())["next_round"] == 3
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0002", "round-0003"]
+    assert (ckpt / "latest").read_text() == "round-0003"  # the folder is named after the round it follows
+    assert json.loads((ckpt / "round-0003" / "state.json").read_text())["next_round"] == 3
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):
@@ -406,7 +408,7 @@ def test_bad_clients_are_rejected_and_the_round_goes_on(tmp_path):
     assert set(second["rejected"]) == {"c0", "c1", "c2", "c3"}
     assert second["eval_heldout_loss"] == first["eval_heldout_loss"]  # the model did not move
     kept = FlexLoRA()
-    kept.load(tmp_path / "checkpoints" / "round-0000" / "strategy.safetensors")
+    kept.load(tmp_path / "checkpoints" / "round-0001" / "strategy.safetensors")
     assert_same_state(res.strategy, kept)
 
 

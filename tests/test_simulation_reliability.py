@@ -99,7 +99,7 @@ def _assert_ends_like(result, full):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "state.json"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, full_run, tmp_path, caplog):
     ckpt = _stopped_after(tmp_path, 2)
-    latest = ckpt / "round-0001" / "strategy.safetensors"
+    latest = ckpt / "round-0002" / "strategy.safetensors"
     if damage == "truncated":
         latest.write_bytes(latest.read_bytes()[:-100])
     elif damage == "garbage":
@@ -107,24 +107,24 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, full
     elif damage == "missing":
         latest.unlink()
     else:
-        (ckpt / "round-0001" / "state.json").write_text('{"next_round": 2, "metr')
+        (ckpt / "round-0002" / "state.json").write_text('{"next_round": 2, "metr')
     with caplog.at_level("WARNING", logger="fedlora.simulate"):
         resumed = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
     warning = " ".join(r.getMessage() for r in caplog.records)
-    assert "round-0001" in warning and "resuming from" in warning and "round-0000 (round 1)" in warning
+    assert "round-0002" in warning and "resuming from" in warning and "round-0001 (after round 1)" in warning
     _assert_ends_like(resumed, full_run)
 
 
 def test_no_intact_checkpoint_fails_naming_every_file(tmp_path, capsys):
     ckpt = _stopped_after(tmp_path, 2)
-    for folder in ("round-0000", "round-0001"):
+    for folder in ("round-0001", "round-0002"):
         (ckpt / folder / "strategy.safetensors").write_bytes(b"nope")
     with pytest.raises(CheckpointError) as err:
         simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
     message = str(err.value)
     assert message.startswith("cannot resume: no intact checkpoint: ")
+    assert str(ckpt / "round-0002" / "strategy.safetensors") in message
     assert str(ckpt / "round-0001" / "strategy.safetensors") in message
-    assert str(ckpt / "round-0000" / "strategy.safetensors") in message
     assert "\n" not in message
 
 
@@ -140,7 +140,7 @@ def test_a_missing_latest_pointer_recovers_the_newest_intact_round(full_run, tmp
 def test_a_state_that_disagrees_with_its_metadata_is_refused(tmp_path):
     ckpt = _stopped_after(tmp_path, 1)
     strategy = FLoRA()
-    strategy.load(ckpt / "round-0000" / "strategy.safetensors")
+    strategy.load(ckpt / "round-0001" / "strategy.safetensors")
     name = next(iter(strategy.module_shapes))
     state = strategy.state_dict()
     bad_shape = dict(state, tensors=dict(state["tensors"], **{f"{name}.dense": torch.zeros(3, 5)}))
@@ -166,10 +166,10 @@ def test_a_state_that_disagrees_with_its_metadata_is_refused(tmp_path):
         FlexLoRA().load_state_dict(flex_state)
     # through a resume: the damaged latest round is skipped with that reason
     bad = FLoRA()
-    bad.load(ckpt / "round-0000" / "strategy.safetensors")
+    bad.load(ckpt / "round-0001" / "strategy.safetensors")
     bad._tensors[f"{name}.A"] = bad._tensors[f"{name}.A"][:, :3].contiguous()
-    bad.save(ckpt / "round-0000" / "strategy.safetensors")
-    with pytest.raises(CheckpointError, match=rf"round-0000/strategy.safetensors: state disagrees .*{name}\.A"):
+    bad.save(ckpt / "round-0001" / "strategy.safetensors")
+    with pytest.raises(CheckpointError, match=rf"round-0001/strategy.safetensors: state disagrees .*{name}\.A"):
         simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
 
 
@@ -179,19 +179,19 @@ def test_leftovers_of_an_interrupted_save_are_removed_on_the_next_start(full_run
     (ckpt / ".tmp-abc123" / "strategy.safetensors").write_bytes(b"half")
     (ckpt / ".latest.x1.tmp").write_bytes(b"round-00")
     resumed = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0001", "round-0002"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round-0002", "round-0003"]
     _assert_ends_like(resumed, full_run)
 
 
 def test_resume_with_nothing_to_resume_says_so_on_one_line(full_run, tmp_path, capsys):
     first = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
-    assert "fedlora simulate: nothing to resume in " + str(tmp_path) + " (no checkpoint): starting at round 0" \
+    assert "fedlora simulate: nothing to resume in " + str(tmp_path) + " (no checkpoint): starting at round 1" \
         in capsys.readouterr().out
     _assert_ends_like(first, full_run)
     again = simulate(_cfg(tmp_path, resume=True), data=synthetic_data())
     out = capsys.readouterr().out
     assert f"fedlora simulate: nothing to resume: {tmp_path} has finished its 3 rounds" in out
-    assert "round 0 |" not in out  # no round ran again
+    assert "round 1/3 |" not in out  # no round ran again
     _assert_ends_like(again, full_run)
 
 

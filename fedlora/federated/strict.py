@@ -20,7 +20,7 @@ def strict_int(value, what: str, *, low: int | None = None, high: int | None = N
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{what} must be an integer, got {_show(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{what} must be {_range(low, high)}, got {value}")
+        raise ValueError(f"{what} must be {range_text(low, high)}, got {value}")
     return value
 
 
@@ -40,7 +40,7 @@ def strict_float(value, what: str, *, low: float | None = None, high: float | No
     too_low = low is not None and (out <= low if low_open else out < low)
     too_high = high is not None and (out >= high if high_open else out > high)
     if too_low or too_high:
-        raise ValueError(f"{what} must be {_range(low, high, low_open, high_open)}, got {out:g}")
+        raise ValueError(f"{what} must be {range_text(low, high, low_open, high_open)}, got {out:g}")
     return out
 
 
@@ -84,7 +84,8 @@ def json_object(text, what: str) -> dict:
     return value
 
 
-def _range(low, high, low_open=False, high_open=False) -> str:
+def range_text(low, high, low_open=False, high_open=False) -> str:
+    """A range in words, as errors and the settings help say it: ">= 1", "> 0", "in [0, 1)"."""
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
     if low is not None:

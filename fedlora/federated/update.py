@@ -207,11 +207,40 @@ def read_blob(data: bytes, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, _load_tensors(data, key)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def temp_dir_beside(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new temporary folder in ``parent`` that is later renamed into place as a result.
+
+    mkdtemp makes it owner-only (0700); a result keeps the permissions the
+    user's umask gives any new folder (0755 under the usual 022).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the new one, never a torn one."""
+    """Write ``data`` so that readers see the old file or the new one, never a torn one.
+
+    The file gets the permissions the user's umask gives any new file (mkstemp's own are 0600).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

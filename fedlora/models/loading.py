@@ -107,22 +107,68 @@ def _is_tiny_spec(spec: Any) -> bool:
     return isinstance(spec, (dict, LlamaConfig)) or spec == TINY_NAME
 
 
-def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """A local HF model directory for ``spec``, converting (and caching) GGUF files."""
+def _local_source(spec: str | os.PathLike) -> tuple[str, Path]:
+    """("gguf", file) or ("dir", folder) for ``spec``, checked without reading any weights."""
     if isinstance(spec, str) and spec.lower() == SMOLLM2_NAME:
-        return converted_gguf_dir(smollm2_gguf_path())
+        return "gguf", smollm2_gguf_path()
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; pass a model directory or a .gguf file")
-        return converted_gguf_dir(path)
+        return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
-        return path
+        return "dir", path
     raise ValueError(
         f"unknown model spec {str(spec)!r}: not an existing directory or .gguf file, nor one of "
         f"{SMOLLM2_NAME!r}, {TINY_NAME!r} (fedlora loads models offline only; hub ids are not fetched)")
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """A local HF model directory for ``spec``, converting (and caching) GGUF files."""
+    kind, path = _local_source(spec)
+    return converted_gguf_dir(path) if kind == "gguf" else path
+
+
+def model_dir_if_ready(spec: Any) -> Path | None:
+    """The local HF directory ``load_model(spec)`` would load, without converting anything.
+
+    None for random models and for a GGUF file not converted yet; ValueError
+    (with the reason) for a spec that cannot load at all.
+    """
+    if _is_tiny_spec(spec):
+        return None
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"model spec must be a path, a name or a Llama config dict, got {type(spec).__name__}")
+    kind, path = _local_source(spec)
+    if kind == "dir":
+        return path
+    converted = cache_root() / "models" / _gguf_cache_key(path)
+    return converted if (converted / SOURCE_FILE).is_file() else None
+
+
+def linear_layer_shapes(spec: Any) -> dict[str, tuple[int, int]] | None:
+    """{name: (out_features, in_features)} of the model's linear layers, from its config alone (built on
+    the meta device: no weights). None when the config is not at hand without converting a GGUF file
+    first; ValueError for a spec that cannot load.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if _is_tiny_spec(spec):
+        config = _tiny_config(spec, byte_tokenizer())
+    else:
+        model_dir = model_dir_if_ready(spec)
+        if model_dir is None:
+            return None
+        try:
+            config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"cannot read the model config in {model_dir}: {err}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return {name: (m.out_features, m.in_features) for name, m in skeleton.named_modules()
+            if isinstance(m, torch.nn.Linear)}
 
 
 def _gguf_cache_key(gguf: Path) -> str:

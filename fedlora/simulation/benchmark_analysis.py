@@ -34,7 +34,7 @@ def spectrum_series(cell) -> list[tuple[int, float]]:
     for m in cell.metrics:
         spectra = m.get("spectrum")
         if spectra:
-            out.append((m["round"] + 1, float(np.mean([effective_rank(s) for s in spectra.values()]))))
+            out.append((m["round"], float(np.mean([effective_rank(s) for s in spectra.values()]))))  # from 1
     return out
 
 

@@ -69,7 +69,7 @@ class CellResult:
         out = [(0, 0.0, self.base[metric])] if _finite(self.base.get(metric)) else []
         for m in self.metrics:
             if _finite(m.get(metric)):
-                out.append((m["round"] + 1, m["total_bytes_up"] / 1e6, m[metric]))
+                out.append((m["round"], m["total_bytes_up"] / 1e6, m[metric]))  # rounds count from 1
         return out
 
     def final(self, metric: str) -> float:

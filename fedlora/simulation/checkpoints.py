@@ -1,4 +1,5 @@
-"""Checkpoints of a run: ``output_dir/checkpoints/round-NNNN/`` written in a temp dir, then renamed.
+"""Checkpoints of a run: ``output_dir/checkpoints/round-NNNN/`` (NNNN: the round, from 1) written in a
+temp dir, then renamed.
 
 A ``latest`` pointer names the newest complete round; older rounds beyond
 ``keep`` are removed. Loading never loses or invents work:
@@ -21,19 +22,20 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedlora.federated.strict import json_object, strict_int, strict_mapping
-from fedlora.federated.update import atomic_write
+from fedlora.federated.update import atomic_write, temp_dir_beside
 from fedlora.strategies import Strategy
+
+from .config import InputError
 
 log = logging.getLogger("fedlora.simulate")
 
 _ROUND = re.compile(r"round-(\d{4,})")
 # Settings that say how a run is shown, resumed, where it lives or how long it goes: not what it computes.
-NOT_DEFINING = ("resume", "progress", "output_dir", "rounds")
+NOT_DEFINING = ("resume", "overwrite", "progress", "output_dir", "rounds")
 
 
 def run_defining(config: dict) -> dict:
@@ -51,7 +53,7 @@ def fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """No checkpoint of a run can be resumed; the message names each file and why."""
 
 
@@ -79,11 +81,13 @@ class Checkpoints:
             shutil.rmtree(folder)
         (self.root / "latest").unlink(missing_ok=True)
 
-    def save(self, round_idx: int, strategy: Strategy, state: dict, files: Mapping[str, bytes] | None = None) -> None:
-        """The strategy, the JSON ``state`` and any other ``files`` (name -> bytes, e.g. clients' tensors)."""
+    def save(self, round_number: int, strategy: Strategy, state: dict,
+             files: Mapping[str, bytes] | None = None) -> None:
+        """The state after round ``round_number`` (counted from 1, as everywhere a user sees rounds): the
+        strategy, the JSON ``state`` and any other ``files`` (name -> bytes, e.g. clients' tensors)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        final = self.root / f"round-{round_idx:04d}"
+        tmp = temp_dir_beside(self.root, ".tmp-")
+        final = self.root / f"round-{round_number:04d}"
         try:
             strategy.save(tmp / "strategy.safetensors")
             atomic_write(tmp / "state.json", json.dumps(state).encode())
@@ -128,7 +132,7 @@ class Checkpoints:
             problem = _load_round(folder, strategy, files)
             if isinstance(problem, dict):
                 if problems:
-                    log.warning("skipped damaged checkpoint(s): %s; resuming from %s (round %d)",
+                    log.warning("skipped damaged checkpoint(s): %s; resuming from %s (after round %d)",
                                 "; ".join(problems), folder, problem["next_round"])
                 return problem
             problems.append(problem)
@@ -150,7 +154,7 @@ def _load_round(folder: Path, strategy: Strategy, files: Sequence[str] = ()) -> 
     try:
         state = json_object(state_file.read_bytes(), str(state_file))
         next_round = strict_int(state.get("next_round"), f"{state_file}: next_round", low=1)
-        if next_round != int(_ROUND.fullmatch(folder.name).group(1)) + 1:
+        if next_round != int(_ROUND.fullmatch(folder.name).group(1)):  # round-NNNN holds the state after round NNNN
             raise ValueError(f"{state_file}: next_round {next_round} does not follow its folder {folder.name}")
         metrics = state.get("metrics")
         if not isinstance(metrics, list) or len(metrics) != next_round:

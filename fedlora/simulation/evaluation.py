@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -22,6 +22,7 @@ from fedlora.strategies import Strategy
 from .trainer import FederatedModel, client_losses
 
 _LAYER = re.compile(r"\.(\d+)\.")
+EVAL_BATCH = 8  # sequences per forward pass when scoring
 
 
 def split_prompt(example) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def split_prompt(example) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def rouge_l(fm: FederatedModel, tokenizer, per_client: Sequence[tuple[float, list]], pad_token_id: int,
-            max_new_tokens: int = 64) -> float:
+            max_new_tokens: int = 64, progress: Callable[[int], object] | None = None) -> float:
     """Client-size-weighted mean Rouge-L F of greedy continuations (single zero adapter loaded)."""
     from rouge_score import rouge_scorer
 
@@ -45,6 +46,8 @@ def rouge_l(fm: FederatedModel, tokenizer, per_client: Sequence[tuple[float, lis
     for client_weight, examples in per_client:
         scores = []
         for ex in examples:
+            if progress is not None:
+                progress(1)
             prompt, reference = split_prompt(ex)
             if reference.numel() == 0 or prompt.numel() == 0:
                 continue
@@ -62,7 +65,8 @@ def rouge_l(fm: FederatedModel, tokenizer, per_client: Sequence[tuple[float, lis
 
 
 @torch.no_grad()
-def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, batch_size: int = 8) -> float:
+def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, batch_size: int = EVAL_BATCH,
+                  progress: Callable[[int], object] | None = None) -> float:
     """Token-weighted mean next-token loss of the model as it stands (single zero adapter loaded)."""
     if not examples:
         return float("nan")
@@ -78,23 +82,31 @@ def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, bat
         n = int((labels != IGNORE_INDEX).sum())
         total += float(client_losses(logits, batch["labels"].to(fm.device), [len(chunk)])[0]) * n
         tokens += n
+        if progress is not None:
+            progress(len(chunk))
     return total / max(tokens, 1)
 
 
+def evaluation_size(heldout: Sequence, unseen: Sequence, rouge_sets: Mapping[str, list]) -> int:
+    """The examples one evaluation goes through (its progress bar's total): scored, then generated from."""
+    return len(heldout) + len(unseen) + sum(len(ex) for picked in rouge_sets.values() for _, ex in picked)
+
+
 def evaluate_model(fm: FederatedModel, deltas, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
-                   max_new_tokens: int) -> dict:
-    """Loss, perplexity (and Rouge-L for instruction data) of the base model plus ``deltas`` (None: the base)."""
+                   max_new_tokens: int, progress: Callable[[int], object] | None = None) -> dict:
+    """Loss, perplexity (and Rouge-L for instruction data) of the base model plus ``deltas``
+    ({module: dense update}; None: the base model alone, the baseline before round 1)."""
     fm.load_zero_adapter()
     fm.set_deltas(deltas)
     out = {}
     for name, examples in (("heldout", heldout), ("unseen", unseen)):
         if examples:
-            loss = evaluate_loss(fm, examples, pad_id)
+            loss = evaluate_loss(fm, examples, pad_id, progress=progress)
             out[f"eval_{name}_loss"] = loss
             out[f"eval_{name}_ppl"] = math.exp(min(loss, 50.0))
     for name, picked in rouge_sets.items():
         if picked:
-            out[f"eval_{name}_rougeL"] = rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens)
+            out[f"eval_{name}_rougeL"] = rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens, progress=progress)
     fm.set_deltas(None)
     return out
 
@@ -116,14 +128,14 @@ def update_spectrum(deltas, names: Sequence[str], k: int) -> dict[str, list[floa
 
 
 def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
-                    max_new_tokens: int, spectrum: int = 0) -> dict:
+                    max_new_tokens: int, spectrum: int = 0, progress: Callable[[int], object] | None = None) -> dict:
     """The metrics of the global model: base + the rule's global update (reconstructed once for every metric).
 
     ``spectrum`` > 0 adds the top singular values of the update of the first,
     middle and last layers' modules (how much of its rank the rule uses).
     """
     deltas = strategy.global_deltas()
-    out = evaluate_model(fm, deltas, heldout, unseen, pad_id, tokenizer, rouge_sets, max_new_tokens)
+    out = evaluate_model(fm, deltas, heldout, unseen, pad_id, tokenizer, rouge_sets, max_new_tokens, progress)
     if spectrum:
         out["spectrum"] = update_spectrum(deltas, spectrum_modules(list(deltas)), spectrum)
     return out

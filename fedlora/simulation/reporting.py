@@ -1,4 +1,9 @@
-"""What a run shows and writes as it goes: progress bars, one summary line a round, metrics.jsonl, the plot."""
+"""What a run shows and writes as it goes: progress bars, one line a round, metrics.jsonl, the plot.
+
+Rounds are numbered from 1 everywhere a user sees them (console, metrics.jsonl,
+checkpoint folders, the plot, the Flower log); round 0 is the base model before
+any training (``base_eval.json``), every curve's first point.
+"""
 from __future__ import annotations
 
 import json
@@ -8,23 +13,27 @@ from pathlib import Path
 from fedlora.federated.update import atomic_write
 
 
-def progress(iterable, enabled: bool, **kwargs):
-    """A tqdm bar over ``iterable`` (or a manual one when it is None); the iterable itself when disabled."""
-    if not enabled:
-        return iterable if iterable is not None else None
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """A tqdm bar over ``iterable`` (a manual one when it is None, to ``update(n)``).
+
+    Shown only when ``enabled`` and the output is a terminal (tqdm's ``disable=None``):
+    logs and pipes get the per-round lines alone.
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, **kwargs) if iterable is not None else tqdm(**kwargs)
+    return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **kwargs)
 
 
-def note(line: str, progress_enabled: bool) -> None:
-    """One console line about the run as a whole (above live progress bars when they are on)."""
-    if progress_enabled:
-        from tqdm.auto import tqdm
+def say(line: str) -> None:
+    """One console line, printed above any live progress bar."""
+    from tqdm.auto import tqdm
 
-        tqdm.write(f"fedlora simulate: {line}")
-    else:
-        print(f"fedlora simulate: {line}", flush=True)
+    tqdm.write(line)
+
+
+def note(line: str) -> None:
+    """One console line about the run as a whole (resumed, capped, ...), above any live progress bar."""
+    say(f"fedlora simulate: {line}")
 
 
 def write_metrics(path: Path, records: list[dict]) -> None:
@@ -40,51 +49,82 @@ def _eval_parts(record: dict) -> list[str]:
     return [f"{key.removeprefix('eval_')} {record[key]:.4f}" for key in EVAL_KEYS if key in record]
 
 
-def summary(record: dict, enabled: bool) -> None:
-    """One console line per round (printed above live progress bars when they are on)."""
-    parts = [f"round {record['round']}", f"train_loss {record['train_loss']:.4f}", *_eval_parts(record)]
-    parts += [f"up {record['bytes_up'] / 1e6:.2f} MB", f"down {record['bytes_down'] / 1e6:.2f} MB",
-              f"{record['wall_time_s']:.1f} s"]
+def summary(record: dict, rounds: int) -> None:
+    """The console line of a round."""
+    parts = [f"round {record['round']}/{rounds}", f"train_loss {record['train_loss']:.4f}", *_eval_parts(record),
+             f"up {record['bytes_up'] / 1e6:.2f} MB", f"down {record['bytes_down'] / 1e6:.2f} MB",
+             f"{record['wall_time_s']:.1f} s"]
     if record["rejected"]:
         parts.append(f"rejected {record['rejected']}")
-    _print(" | ".join(parts), enabled)
+    say(" | ".join(parts))
 
 
-def summary_base(record: dict, enabled: bool) -> None:
-    """The console line of the base model's evaluation before round 0."""
-    _print(" | ".join(["base model", *_eval_parts(record), f"{record['wall_time_s']:.1f} s"]), enabled)
+def summary_base(record: dict) -> None:
+    """The console line of the base model's evaluation before round 1."""
+    say(" | ".join(["round 0 (base model, before training)", *_eval_parts(record), f"{record['wall_time_s']:.1f} s"]))
 
 
-def _print(line: str, enabled: bool) -> None:
-    if enabled:
-        from tqdm.auto import tqdm
+def _series(metrics: list[dict], base: dict | None, key: str, transform=None) -> tuple[list[int], list[float]]:
+    """(rounds, values) of ``key``: the base model at round 0 (when evaluated), then the rounds that have it."""
+    records = ([dict(base, round=0)] if base else []) + metrics
+    points = [(m["round"], m[key]) for m in records if key in m and math.isfinite(m[key])]
+    if transform is not None:
+        points = [(r, transform(v)) for r, v in points]
+    return [r for r, _ in points], [v for _, v in points]
 
-        tqdm.write(line)
-    else:
-        print(line, flush=True)
 
+def plot(metrics: list[dict], path: Path, base: dict | None = None, title: str = "") -> None:
+    """Loss, perplexity (and Rouge-L when measured) against the round, as a PNG.
 
-def plot(metrics: list[dict], path: Path, base: dict | None = None) -> None:
-    """Training and evaluation loss against rounds completed (0: the base model, when evaluated), as a PNG."""
+    Round 0 is the base model (``base``, when evaluated); the training loss is
+    the sampled clients' mean during each round. One panel per measure, integer
+    round ticks; a run of one round still shows its two points.
+    """
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rounds = [m["round"] + 1 for m in metrics]
-    for key, label in (("train_loss", "train (sampled clients)"), ("eval_heldout_loss", "held-out lines"),
-                       ("eval_unseen_loss", "unseen clients")):
-        points = [(r, m[key]) for r, m in zip([0] + rounds, [base or {}] + metrics)
-                  if key in m and math.isfinite(m[key])]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("rounds completed")
-    ax.set_ylabel("next-token loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    has_rouge = any(k in m for m in [base or {}, *metrics] for k in ("eval_heldout_rougeL", "eval_unseen_rougeL"))
+    panels = 3 if has_rouge else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.2))
+    styles = {"heldout": dict(color="tab:blue", marker="o"), "unseen": dict(color="tab:orange", marker="s")}
+    labels = {"heldout": "held-out data, training clients", "unseen": "unseen clients"}
+    loss_ax, ppl_ax = axes[0], axes[1]
+    rounds, values = _series(metrics, None, "train_loss")
+    if rounds:
+        loss_ax.plot(rounds, values, color="tab:gray", marker="^", linestyle="--",
+                     label="training (sampled clients, during the round)")
+    for split in ("heldout", "unseen"):
+        rounds, values = _series(metrics, base, f"eval_{split}_loss")
+        if rounds:
+            loss_ax.plot(rounds, values, label=labels[split], **styles[split])
+        rounds, values = _series(metrics, base, f"eval_{split}_loss", lambda v: math.exp(min(v, 50.0)))
+        if rounds:
+            ppl_ax.plot(rounds, values, label=labels[split], **styles[split])
+    loss_ax.set_ylabel("next-token loss (nats)")
+    ppl_ax.set_ylabel("perplexity")
+    loss_ax.set_title("loss")
+    ppl_ax.set_title("perplexity")
+    if has_rouge:
+        rouge_ax = axes[2]
+        for split in ("heldout", "unseen"):
+            rounds, values = _series(metrics, base, f"eval_{split}_rougeL")
+            if rounds:
+                rouge_ax.plot(rounds, values, label=labels[split], **styles[split])
+        rouge_ax.set_ylabel("Rouge-L F (greedy generations)")
+        rouge_ax.set_title("Rouge-L")
+    last = max([m["round"] for m in metrics] + [1])
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlim(-0.3, last + 0.3)  # two points still stand apart from the frame
+        ax.set_xlabel("round (0: base model)")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -47,6 +47,17 @@ def num_sampled(cfg: SimConfig, available: int) -> int:
     return max(1, min(k, available))
 
 
+def sampling_note(cfg: SimConfig, available: int, unseen: int | None = None) -> str | None:
+    """One line when clients_per_round asks for more clients than a round can have, saying what it trains."""
+    k = cfg.clients_per_round
+    if k < 1 or int(k) <= available:
+        return None
+    held = (f" ({unseen} more {'is' if unseen == 1 else 'are'} held out as unseen, for evaluation only)"
+            if unseen else "")
+    return (f"clients_per_round {k} is more than the {available} training clients{held}: "
+            f"every round trains all {available}")
+
+
 def sample(cfg: SimConfig, round_idx: int, population: Sequence[T]) -> list[T]:
     """The round's clients out of ``population`` (in its order), seeded by (seed, round)."""
     if not population:
@@ -164,6 +175,8 @@ def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], t
 
     bytes_down counts the factors each client gets, bytes_down_global the rule's ``client_base()``
     parts sent along to every sampled client (FLoRA's accumulated update, FedEx-LoRA's residual).
+    ``round_idx`` counts from 0 and seeds the round; the record's ``round`` counts from 1, as every
+    output does (round 0 is the base model before training).
 
     train_loss is the mean of the accepted clients' training losses weighted by their examples.
     ``rejected`` holds the reasons found before aggregation; the rule's own rejections are added.
@@ -172,7 +185,7 @@ def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], t
     losses = [u.metrics.get("train_loss", math.nan) for u in accepted]
     weights = [u.num_examples for u in accepted]
     return {
-        "round": round_idx,
+        "round": round_idx + 1,
         "clients": list(clients),
         "ranks": list(ranks),
         "trained_ranks": list(trained_ranks),

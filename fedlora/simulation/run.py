@@ -13,39 +13,39 @@ Flower integration shares.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fedlora.data import FederatedData
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.update import atomic_write
 from fedlora.strategies import Strategy
 
 from . import reporting
 from .checkpoints import Checkpoints, fingerprint, run_defining
-from .config import SimConfig
+from .config import InputError, SimConfig
 from .corrections import Controls, controls_from_bytes, controls_to_bytes
-from .evaluation import evaluate_global, evaluate_model
+from .evaluation import evaluate_global, evaluate_model, evaluation_size
 from .export import export_peft_adapter
-from .round import UpdateHook, run_round, sample
-from .setup import Federation, make_strategy, setup_run
+from .outputs import prepare_output_dir
+from .round import UpdateHook, local_steps, num_sampled, run_round, sample, sampling_note
+from .setup import Federation, make_strategy, model_label, setup_run
 
-log = logging.getLogger("fedlora.simulate")
-BASE_EVAL_FILE = "base_eval.json"
+BASE_EVAL_FILE = "base_eval.json"  # the base model's metrics: round 0 of every curve
 CONTROLS_FILE = "client_controls.safetensors"  # SCAFFOLD's c_k of every client, in each checkpoint
 
 
 @dataclass
 class SimulationResult:
     output_dir: Path
-    metrics: list[dict]
+    metrics: list[dict]  # metrics.jsonl: rounds 1..N (round 0, the base model, is base_eval)
     strategy: Strategy
     adapter_dir: Path | None = None
     client_ranks: dict[str, int] = field(default_factory=dict)
-    base_eval: dict = field(default_factory=dict)  # the base model's metrics before round 0 (eval_base)
+    base_eval: dict = field(default_factory=dict)  # the base model's metrics before round 1 (eval_base): round 0
     setup_s: float = float("nan")  # seconds from the call to the first round of this call
     num_train_clients: int = 0
 
@@ -58,20 +58,29 @@ def data_fingerprint(cfg: SimConfig, data: Federation | None) -> dict | None:
 
 
 def check_same_run(state: dict, identity: dict, cfg: SimConfig, out: Path) -> None:
-    """ValueError unless the checkpoint's run is this one: its defining settings and data content."""
+    """InputError unless the checkpoint's run is this one: its defining settings and data content."""
     saved, now = run_defining(state["config"]), run_defining(identity["config"])
     if saved != now:
         diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-        raise ValueError(f"config: cannot resume {out}: settings differ from the checkpoint's "
+        raise InputError(f"config: cannot resume {out}: settings differ from the checkpoint's "
                          f"(name: (checkpoint, now)): {diff}")
     was, data = state.get("data"), identity["data"]
     if was != data and (was is not None or data is not None):
-        raise ValueError(f"config: cannot resume {out}: the data file {cfg.dataset} is not the content the run "
+        raise InputError(f"config: cannot resume {out}: the data file {cfg.dataset} is not the content the run "
                          f"trained on (sha256 {(was or {}).get('sha256', 'none')[:12]}..., now "
                          f"{(data or {}).get('sha256', 'none')[:12]}...)")
     if state["next_round"] > cfg.rounds:
-        raise ValueError(f"config: cannot resume {out}: its checkpoint is at round {state['next_round']}, past "
+        raise InputError(f"config: cannot resume {out}: its checkpoint is at round {state['next_round']}, past "
                          f"rounds = {cfg.rounds}")
+
+
+def run_title(cfg: SimConfig, num_clients: int, ranks: list[int]) -> str:
+    """What the plot says was run: rule, model, data, clients and ranks."""
+    model = Path(cfg.model).name if isinstance(cfg.model, str) else model_label(cfg.model)
+    data = "Shakespeare roles" if cfg.dataset == "shakespeare" else Path(cfg.dataset).name
+    per_round = num_sampled(cfg, num_clients)
+    levels = "/".join(str(r) for r in sorted(set(ranks)))
+    return f"{cfg.strategy} · {model} · {data}: {num_clients} clients, {per_round} a round, ranks {levels}"
 
 
 def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | None = None,
@@ -82,6 +91,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     corrupt or crash a client); an exception there drops only that client.
     data: pre-built federated data (skips loading ``cfg.dataset``).
     stop_after: stop after this many rounds of this call (to test resuming).
+    Problems with the settings, files or model raise :class:`InputError`, before
+    the model loads where they can be seen without it.
     """
     started = time.perf_counter()
     if cfg is None:
@@ -89,8 +100,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     elif isinstance(cfg, dict):
         cfg = SimConfig.from_dict(cfg)
     cfg.validate()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(cfg)  # refuses a folder holding another run before anything loads
     identity = {"config": cfg.to_dict(), "data": data_fingerprint(cfg, data)}  # of the file as it is read
     run = setup_run(cfg, data)
     fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
@@ -106,7 +116,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     if cfg.resume:
         state = checkpoints.load(strategy, files=[CONTROLS_FILE] if cfg.scaffold else [])
         if state is None:
-            reporting.note(f"nothing to resume in {out} (no checkpoint): starting at round 0", cfg.progress)
+            reporting.note(f"nothing to resume in {out} (no checkpoint): starting at round 1")
         else:
             check_same_run(state, identity, cfg, out)
             start_round, metrics, totals = state["next_round"], state["metrics"], {**totals, **state["totals"]}
@@ -116,15 +126,13 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
             rank_of.update(state.get("client_ranks", {}))
             if start_round >= cfg.rounds:
                 reporting.note(f"nothing to resume: {out} has finished its {start_round} rounds (give --rounds N "
-                               "with N larger to extend it)", cfg.progress)
+                               "with N larger to extend it)")
             else:
-                log.info("resuming at round %d from %s", start_round, out)
-    else:  # an earlier run's rounds and base evaluation must not mix with this run's
-        if checkpoints.exists():
-            log.warning("%s held checkpoints of an earlier run, removed: starting afresh (--resume true would "
-                        "have continued it)", out)
-            checkpoints.reset()
-        (out / BASE_EVAL_FILE).unlink(missing_ok=True)
+                reporting.note(f"resuming {out} at round {start_round + 1} of {cfg.rounds} "
+                               f"(rounds 1-{start_round} restored from its checkpoint)")
+    note = sampling_note(cfg, len(clients), num_unseen(data))
+    if note is not None:
+        reporting.note(note)
 
     heldout, unseen = ([ex for _, exs in data.eval_sets(split, cfg.eval_max_examples) for ex in exs]
                        for split in ("heldout", "unseen"))
@@ -132,63 +140,83 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     if cfg.dataset != "shakespeare" and cfg.eval_generate_examples > 0:  # FlexLoRA's metric for instructions
         rouge_sets = {split: data.eval_sets(split, cfg.eval_generate_examples) for split in ("heldout", "unseen")}
     (out / "config.json").write_text(cfg.to_json())
-    base_eval = _base_evaluation(cfg, out, fm, heldout, unseen, pad_id, tokenizer, rouge_sets)
+
+    def evaluate(desc: str, global_of: Strategy | None = None, generate: bool = True) -> dict:
+        """The base model (``global_of`` None) or base + the rule's global update, under a progress bar."""
+        sets = rouge_sets if generate else {}
+        bar = reporting.progress(None, cfg.progress, total=evaluation_size(heldout, unseen, sets), desc=desc,
+                                 unit="example", leave=False)
+        try:
+            if global_of is None:
+                return evaluate_model(fm, None, heldout, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
+                                      progress=bar.update)
+            return evaluate_global(fm, global_of, heldout, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
+                                   cfg.log_spectrum, progress=bar.update)
+        finally:
+            bar.close()
+
+    base_eval = _base_evaluation(cfg, out, evaluate)
     setup_s = time.perf_counter() - started
 
     def result(adapter_dir=None) -> SimulationResult:
         return SimulationResult(out, metrics, strategy, adapter_dir, rank_of, base_eval, setup_s, len(clients))
 
-    rounds = range(min(start_round, cfg.rounds), cfg.rounds)
-    bar = reporting.progress(rounds, cfg.progress, desc="rounds", unit="round")
+    first = min(start_round, cfg.rounds)
+    bar = reporting.progress(range(first, cfg.rounds), cfg.progress, desc="rounds", unit="round",
+                             initial=first, total=cfg.rounds)
     done_now = 0
-    for round_idx in bar:
+    for round_idx in bar:  # round_idx (from 0) seeds the round; users see round_idx + 1
+        number = round_idx + 1
         t0 = time.perf_counter()
         sampled = sample(cfg, round_idx, clients)
         torch.manual_seed(stable_seed(cfg.seed, "round", round_idx))  # dropout
-        steps_bar = reporting.progress(None, cfg.progress, desc=f"round {round_idx} local steps",
-                                       unit="client-step", leave=False)
-        record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
-                           progress=steps_bar.update if steps_bar is not None else None, client_state=client_state,
-                           client_controls=client_controls)
-        rank_of.update(record.get("self_pruned", {}))  # a client that pruned its rank trains at it from now on
-        if steps_bar is not None:
+        steps_bar = reporting.progress(None, cfg.progress, desc=f"round {number}: local training",
+                                       unit="client-step", leave=False,
+                                       total=sum(local_steps(cfg, c.num_examples) for c in sampled))
+        try:
+            record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
+                               progress=steps_bar.update, client_state=client_state, client_controls=client_controls)
+        finally:
             steps_bar.close()
+        rank_of.update(record.get("self_pruned", {}))  # a client that pruned its rank trains at it from now on
         for key in totals:
             totals[key] += record[key]
-        if cfg.eval_every and ((round_idx + 1) % cfg.eval_every == 0 or round_idx + 1 == cfg.rounds):
-            last = round_idx + 1 == cfg.rounds
-            generate = last or (cfg.eval_generate_every and (round_idx + 1) % cfg.eval_generate_every == 0)
-            record.update(evaluate_global(fm, strategy, heldout, unseen, pad_id, tokenizer,
-                                          rouge_sets if generate else {},
-                                          cfg.max_new_tokens, cfg.log_spectrum))
+        if cfg.eval_every and (number % cfg.eval_every == 0 or number == cfg.rounds):
+            generate = number == cfg.rounds or bool(cfg.eval_generate_every and number % cfg.eval_generate_every == 0)
+            record.update(evaluate(f"round {number}: evaluation", strategy, generate))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)
         reporting.write_metrics(out / "metrics.jsonl", metrics)
-        checkpoints.save(round_idx, strategy, {"next_round": round_idx + 1, "metrics": metrics, "totals": totals,
-                                               **identity, "client_state": client_state,
-                                               "client_ranks": rank_of},
+        checkpoints.save(number, strategy, {"next_round": number, "metrics": metrics, "totals": totals,
+                                            **identity, "client_state": client_state, "client_ranks": rank_of},
                          {CONTROLS_FILE: controls_to_bytes(client_controls)} if cfg.scaffold else None)
-        reporting.summary(record, cfg.progress)
+        reporting.summary(record, cfg.rounds)
         done_now += 1
-        if stop_after is not None and done_now >= stop_after and round_idx + 1 < cfg.rounds:
+        if stop_after is not None and done_now >= stop_after and number < cfg.rounds:
+            bar.close()
             return result()
 
-    reporting.plot(metrics, out / "metrics.png", base_eval)
+    reporting.plot(metrics, out / "metrics.png", base_eval, run_title(cfg, len(clients), ranks))
     export_rank = cfg.export_rank or max(ranks)
-    return result(export_peft_adapter(strategy, out / "adapter", export_rank, cfg))
+    return result(export_peft_adapter(strategy, out / "adapter", export_rank, cfg, tokenizer=tokenizer))
 
 
-def _base_evaluation(cfg: SimConfig, out: Path, fm, heldout, unseen, pad_id, tokenizer, rouge_sets) -> dict:
-    """The base model's metrics before any round (every curve's first point), computed once per run folder."""
+def _base_evaluation(cfg: SimConfig, out: Path, evaluate) -> dict:
+    """The base model's metrics before round 1 (round 0 of every curve), computed once per run folder."""
     path = out / BASE_EVAL_FILE
     if not cfg.eval_base:
         return {}
     if path.is_file():  # a resumed run evaluated it already (same settings: checked against the checkpoint)
         return json.loads(path.read_text())
     t0 = time.perf_counter()
-    record = evaluate_model(fm, None, heldout, unseen, pad_id, tokenizer, rouge_sets, cfg.max_new_tokens)
+    record = evaluate("round 0 (base model): evaluation")
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
     atomic_write(path, json.dumps(record, indent=2).encode())
-    reporting.summary_base(record, cfg.progress)
+    reporting.summary_base(record)
     return record
+
+
+def num_unseen(data: Federation) -> int:
+    """How many clients the federation holds out as unseen (evaluation only)."""
+    return len(data.unseen_clients) if isinstance(data, FederatedData) else len(data.unseen)

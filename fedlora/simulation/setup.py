@@ -14,34 +14,85 @@ import torch
 from fedlora.data import (ClientDataset, FederatedData, LazyFederation, load_instructions, load_shakespeare,
                           load_sharegpt, read_jsonl)
 from fedlora.data.instructions import partition_by_field
+from fedlora.data.shakespeare import texts_dir
+from fedlora.data.sharegpt import sharegpt_path
 from fedlora.federated.ranks import assign_ranks, module_ranks
 from fedlora.models import load_model
+from fedlora.models.loading import linear_layer_shapes
 from fedlora.strategies import Strategy, registry
 
-from .config import SimConfig
-from .trainer import FederatedModel
+from .config import InputError, SimConfig
+from .trainer import FederatedModel, target_layers
 
 Federation = FederatedData | LazyFederation  # what a run trains on: num_train_clients, train_client(i), eval_sets
 
 
 def device_of(cfg: SimConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"config: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"config: device {cfg.device!r}, but this torch build sees no CUDA device")
+    return device
 
 
 def dtype_of(cfg: SimConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    except KeyError:
-        raise ValueError(f"config: dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}") from None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 
 
 def lora_alpha(cfg: SimConfig, rank: int) -> float:
     """The LoRA alpha of a module trained at ``rank``: cfg.lora_alpha, or 2 * rank when that is 0."""
     return float(cfg.lora_alpha) if cfg.lora_alpha > 0 else 2.0 * rank
+
+
+def check_inputs(cfg: SimConfig, check_data: bool = True) -> None:
+    """What can be checked before the model loads, as one-line :class:`InputError` s: the device exists;
+    the model exists offline and has every target module (read from its config, no weights); the data
+    set is there (an instruction JSONL file parses: every line, the client or category field); no
+    client rank exceeds a target layer's smaller side."""
+    device_of(cfg)
+    try:
+        shapes = linear_layer_shapes(cfg.model)
+        if shapes is not None:  # None: a GGUF file not converted yet; checked once it has loaded
+            targets = target_layers(list(shapes), cfg.target_modules)
+    except ValueError as exc:
+        raise InputError(f"model {model_label(cfg.model)}: {exc}") from exc
+    if check_data:
+        check_dataset(cfg)
+    if shapes is not None:
+        check_layer_ranks(cfg, {name: shapes[name] for name in targets},
+                          cfg.client_ranks if cfg.rank_distribution == "list" else cfg.rank_levels)
+
+
+def check_dataset(cfg: SimConfig) -> None:
+    """The data set exists; an instruction JSONL file parses whole (ShareGPT files are parsed as they load)."""
+    try:
+        if cfg.dataset == "shakespeare":
+            texts_dir()
+        elif cfg.dataset == "sharegpt":
+            sharegpt_path()
+        elif not Path(cfg.dataset).is_file():
+            raise ValueError(f"{cfg.dataset!r} is not 'shakespeare', 'sharegpt', nor an existing ShareGPT .json "
+                             f"or instruction .jsonl file")
+        elif Path(cfg.dataset).suffix.lower() != ".json":
+            records = read_jsonl(cfg.dataset)
+            partition = "field" if cfg.partition == "auto" else cfg.partition
+            if partition == "field":
+                partition_by_field(records, cfg.client_field)
+            elif partition == "dirichlet":
+                partition_by_field(records, cfg.category_field)
+    except ValueError as exc:
+        raise InputError(f"dataset: {exc}") from exc
+
+
+def model_label(spec) -> str:
+    """A model spec as one short phrase (a tiny random Llama may be given as a dict of its config)."""
+    return repr(spec) if isinstance(spec, (str, Path)) else "tiny random Llama (config table)"
 
 
 def load_data(cfg: SimConfig, tokenizer) -> Federation:
@@ -56,9 +107,6 @@ def load_data(cfg: SimConfig, tokenizer) -> Federation:
                                 unseen_fraction=cfg.unseen_fraction, heldout_fraction=cfg.heldout_fraction,
                                 seed=cfg.seed, max_clients=max_clients)
     path = None if cfg.dataset == "sharegpt" else Path(cfg.dataset)
-    if path is not None and not path.is_file():
-        raise ValueError(f"config: dataset must be 'shakespeare', 'sharegpt', a ShareGPT .json file or an instruction "
-                         f".jsonl file; {path} does not exist")
     if path is None or path.suffix.lower() == ".json":
         if not max_clients:
             raise ValueError("config: ShareGPT data needs num_clients >= 1 (it has no natural client key)")
@@ -94,7 +142,7 @@ def make_strategy(cfg: SimConfig, module_shapes, ranks: list[int], device=None) 
     try:
         strategy.check_client_ranks(per_client)
     except ValueError as exc:
-        raise ValueError(f"config: {exc}") from None
+        raise InputError(f"config: {exc}") from None
     global_modules = {name: strategy.global_rank([m[name] for m in per_client]) for name in module_shapes}
     strategy.init_global(module_shapes, rank=strategy.global_rank(ranks), module_ranks=global_modules)
     return strategy
@@ -114,7 +162,7 @@ class TrainingClients(Sequence):
 
 
 def check_layer_ranks(cfg: SimConfig, module_shapes, ranks: list[int]) -> None:
-    """ValueError naming the layer when a client's (or the export's) rank of a module exceeds the module's
+    """InputError naming the layer when a client's (or the export's) rank of a module exceeds the module's
     smaller side: no update of that layer has that rank, so the setting is a mistake."""
     setting = "client_ranks" if cfg.rank_distribution == "list" else "rank_levels"
     asked = [(r, setting) for r in sorted(set(ranks))] + ([(cfg.export_rank, "export_rank")] if cfg.export_rank else [])
@@ -123,7 +171,7 @@ def check_layer_ranks(cfg: SimConfig, module_shapes, ranks: list[int]) -> None:
             d_out, d_in = module_shapes[name]
             if r > min(d_out, d_in):
                 via = f" (rank_pattern gives {r})" if r != rank else ""
-                raise ValueError(f"config: {source} has rank {rank}{via}, larger than layer {name}'s smaller side "
+                raise InputError(f"config: {source} has rank {rank}{via}, larger than layer {name}'s smaller side "
                                  f"{min(d_out, d_in)} ({d_out} x {d_in}); allowed: 1..{min(d_out, d_in)}")
 
 
@@ -150,20 +198,33 @@ def setup_run(cfg: SimConfig, data: Federation | None = None) -> RunSetup:
 
     Nothing here costs time or memory per client beyond an id and a rank: a
     client's examples are built when a round samples it (lazy federations).
+    Problems with the model, data or settings raise :class:`InputError`, before
+    the model loads where they can be seen without it.
     """
+    check_inputs(cfg, check_data=data is None)
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=dtype_of(cfg, device),
-                                  quantization=None if cfg.quantization == "none" else cfg.quantization,
-                                  device=device, seed=cfg.seed)
+    try:
+        model, tokenizer = load_model(cfg.model, dtype=dtype_of(cfg, device),
+                                      quantization=None if cfg.quantization == "none" else cfg.quantization,
+                                      device=device, seed=cfg.seed)
+    except (ValueError, ImportError) as exc:  # an unreadable GGUF file, bitsandbytes missing
+        raise InputError(f"model {model_label(cfg.model)}: {exc}") from exc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = data if data is not None else load_data(cfg, tokenizer)
+    if data is None:
+        try:
+            data = load_data(cfg, tokenizer)
+        except ValueError as exc:
+            raise InputError(f"dataset: {exc}") from exc
     if isinstance(data, FederatedData):  # tokenized up front: drop clients left without a training example
         data = FederatedData([c for c in data.train_clients if c.num_examples > 0], data.unseen_clients)
     clients = TrainingClients(data)
     if not len(clients):
-        raise ValueError("the dataset produced no training client with examples")
-    ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
-    fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+        raise InputError(f"dataset: {cfg.dataset!r} gives no training client with examples")
+    try:
+        ranks = assign_ranks(len(clients), cfg.rank_distribution, cfg.rank_levels, cfg.seed, cfg.client_ranks)
+        fm = FederatedModel(model, cfg.target_modules, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+    except ValueError as exc:  # client_ranks of the wrong length, target modules of an unconverted GGUF model
+        raise InputError(f"config: {exc}") from exc
     check_layer_ranks(cfg, fm.module_shapes, ranks)
     return RunSetup(fm, tokenizer, pad_id, data, clients, ranks, device, list(data.train_client_ids))

@@ -36,6 +36,20 @@ def _is_linear(module: nn.Module) -> bool:
     return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
 
+def target_layers(linear_names: Sequence[str], target_modules: Sequence[str]) -> list[str]:
+    """The linear layers whose last name part is one of ``target_modules`` (e.g. ``q_proj``).
+
+    ValueError naming every target that matches no layer, with the names the model has.
+    """
+    targets = set(target_modules)
+    names = [n for n in linear_names if n.rsplit(".", 1)[-1] in targets]
+    unmatched = sorted(targets - {n.rsplit(".", 1)[-1] for n in names})
+    if unmatched:
+        have = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ValueError(f"target_modules {unmatched} match no linear layer of the model; it has {have}")
+    return names
+
+
 class FederatedModel:
     """A causal LM whose target layers carry the round's client adapters."""
 
@@ -48,11 +62,7 @@ class FederatedModel:
         # evaluation must not repack them into bitsandbytes' inference layout (no autograd there).
         for module in model.modules():
             keep_4bit_layout_trainable(module)
-        targets = set(target_modules)
-        names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets and _is_linear(m)]
-        if not names:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-            raise ValueError(f"target_modules {sorted(targets)} match no linear layer; the model has {linear}")
+        names = target_layers([n for n, m in model.named_modules() if _is_linear(m)], target_modules)
         self.layers: dict[str, tuple[DeltaLinear, MultiLoRALinear]] = {}
         for name in names:
             base = model.get_submodule(name)

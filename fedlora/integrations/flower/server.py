@@ -9,16 +9,19 @@ exports it).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.simulation.config import SimConfig
 from fedlora.federated.update import atomic_write
+from fedlora.simulation.config import SimConfig
+from fedlora.simulation.outputs import prepare_output_dir
 
 from .config import FlowerSettings, load_run_config
 from .strategy import FedLoRAStrategy, node_summary
@@ -26,12 +29,30 @@ from .strategy import FedLoRAStrategy, node_summary
 log = logging.getLogger("fedlora.flower")
 
 
-def run_server(grid: Grid, cfg: SimConfig, settings: FlowerSettings | None = None) -> FedLoRAStrategy:
-    """Run the federated job over ``grid``; returns the finished strategy wrapper."""
+OUTPUT_OPTIONS = ("another output-dir, or overwrite=true to replace it "
+                  "(flwr run APP --run-config \"output-dir='/abs/path' overwrite=true\")")
+
+
+def follow_hint(run_id: int | None) -> str:
+    """How to watch a run that ``flwr run`` (without ``--stream``) left running in the background."""
+    run = str(run_id) if run_id is not None else "RUN_ID"
+    return (f"follow this run with `flwr log {run} [SUPERLINK]` (it streams until the run ends), "
+            f"see its status with `flwr ls [SUPERLINK] --run-id {run}`")
+
+
+def run_server(grid: Grid, cfg: SimConfig, settings: FlowerSettings | None = None, *,
+               run_id: int | None = None) -> FedLoRAStrategy:
+    """Run the federated job over ``grid``; returns the finished strategy wrapper.
+
+    run_id: the Flower run's id, for the first log line (how to follow the run).
+    The output folder follows simulate's rule: a folder holding another run is
+    refused unless ``overwrite``; ``resume`` is not available on Flower.
+    """
     settings = settings or FlowerSettings()
     out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("fedlora on Flower: writing to %s", out)
+    log.info("fedlora on Flower: run %s, %s rounds of %s, writing to %s; %s", run_id if run_id is not None else "-",
+             cfg.rounds, cfg.strategy, out, follow_hint(run_id))
+    prepare_output_dir(dataclasses.replace(cfg, output_dir=str(out)), resumable=False, options=OUTPUT_OPTIONS)
     (out / "config.json").write_text(cfg.to_json())
     strategy = FedLoRAStrategy.from_config(cfg, settings, output_dir=out)
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.rounds, timeout=settings.round_timeout_s)
@@ -46,6 +67,22 @@ def run_server(grid: Grid, cfg: SimConfig, settings: FlowerSettings | None = Non
     return strategy
 
 
+class _FlowerStreamHandler(logging.StreamHandler):
+    """fedlora's log lines on stdout, which Flower mirrors into the run's log."""
+
+
+def log_to_flower_stream() -> None:
+    """Send fedlora's log lines (INFO and up) to stdout, which Flower mirrors into the run's log
+    (``flwr run --stream``, ``flwr log``)."""
+    logger = logging.getLogger("fedlora")
+    if not any(isinstance(h, _FlowerStreamHandler) for h in logger.handlers):
+        handler = _FlowerStreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s: fedlora: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, not again by a root handler
+
+
 def server_app(cfg: SimConfig | None = None, settings: FlowerSettings | None = None, *,
                base_dir: str | os.PathLike | None = None) -> ServerApp:
     """fedlora's ServerApp. cfg/settings None: read from the Flower run config (relative paths against base_dir)."""
@@ -53,9 +90,10 @@ def server_app(cfg: SimConfig | None = None, settings: FlowerSettings | None = N
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        log_to_flower_stream()
         if cfg is not None:
-            run_server(grid, cfg, settings)
+            run_server(grid, cfg, settings, run_id=context.run_id)
         else:
-            run_server(grid, *load_run_config(context.run_config, base_dir))
+            run_server(grid, *load_run_config(context.run_config, base_dir), run_id=context.run_id)
 
     return app

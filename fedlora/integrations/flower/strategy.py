@@ -40,8 +40,9 @@ from fedlora.simulation import reporting
 from fedlora.simulation.config import SimConfig
 from fedlora.simulation.export import export_peft_adapter
 from fedlora.simulation.corrections import control_bytes
-from fedlora.simulation.round import (aggregate_round, base_bytes, factor_bytes, round_record, sample, served_rank,
-                                      served_ranks, start_factors, start_ranks, upload_bytes)
+from fedlora.simulation.round import (aggregate_round, base_bytes, factor_bytes, round_record, sample,
+                                      sampling_note, served_rank, served_ranks, start_factors, start_ranks,
+                                      upload_bytes)
 from fedlora.simulation.setup import make_strategy
 from fedlora.strategies import Strategy
 
@@ -98,6 +99,8 @@ class FedLoRAStrategy(FlowerStrategy):
         self._train_messages: list[Message] = []
         self._served: dict[str, dict[str, int]] = {}  # this round: client id -> module -> rank sent
         self._round: dict = {}
+        self._connected: set[int] = set()  # profiled nodes connected at the last round's start
+        self._noted_sampling = False
 
     @classmethod
     def from_config(cls, cfg: SimConfig, settings: FlowerSettings | None = None, *,
@@ -119,10 +122,17 @@ class FedLoRAStrategy(FlowerStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         started = time.perf_counter()
+        self._report_departures(server_round, set(grid.get_node_ids()))  # before a returning node takes over
         self._discover(grid)
-        round_idx = server_round - 1  # simulate's rounds count from 0; its seeds use that index
+        round_idx = server_round - 1  # rounds are numbered from 1 (Flower's and fedlora's); seeds use the index
         connected = set(grid.get_node_ids())
         population = sorted((p for n, p in self.profiles.items() if n in connected), key=lambda p: p.client_index)
+        self._connected = {p.node_id for p in population}
+        if not self._noted_sampling:
+            self._noted_sampling = True
+            note = sampling_note(self.cfg, len(population))
+            if note is not None:
+                log.warning("%s (nodes connected now)", note)
         picked = self.sample(round_idx, population)
         strategy = self.strategy
         # Rules whose clients train on top of a base delta (FLoRA) send it along as its parts (low-rank
@@ -155,11 +165,11 @@ class FedLoRAStrategy(FlowerStrategy):
                        "not_started": not_started, "bytes_down": bytes_down,
                        "bytes_down_global": delta_bytes * len(messages), "payload_bytes_down": payload_down,
                        "available": [p.client_id for p in population]}
-        log.info("round %d: %d of %d nodes sampled", round_idx, len(picked), len(population))
+        log.info("round %d: %d of %d nodes sampled", server_round, len(picked), len(population))
         if self.output_dir is not None:  # what the round waits for, while it waits (a round can take hours)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.output_dir / "progress.json", json.dumps({
-                "round": round_idx, "waiting_for": {p.client_id: node for node, (p, _) in self._sent.items()},
+                "round": server_round, "waiting_for": {p.client_id: node for node, (p, _) in self._sent.items()},
                 "not_started": not_started, "rounds_done": len(self.history)}).encode())
         self._train_messages = messages  # Flower sets their ids when it pushes them
         return messages
@@ -177,7 +187,7 @@ class FedLoRAStrategy(FlowerStrategy):
             if node_id in self._sent:
                 by_node[node_id] = msg
             else:
-                log.warning("round %d: ignoring a reply from node %d, which was not sent work", info["round"], node_id)
+                log.warning("round %d: ignoring a reply from node %d, which was not sent work", server_round, node_id)
         updates, rejected, missing, control_deltas = [], dict(info["not_started"]), {}, {}
         bytes_up = payload_up = 0
         for node_id, (profile, _) in sorted(self._sent.items(), key=lambda kv: kv[1][0].client_index):
@@ -206,7 +216,7 @@ class FedLoRAStrategy(FlowerStrategy):
                              + control_bytes(control_deltas.get(cid)))
                 updates.append(update)
         for cid, reason in missing.items():
-            log.warning("round %d: client %s missing: %s", info["round"], cid, reason)
+            log.warning("round %d: client %s missing: %s", server_round, cid, reason)
         # validates each update (against the ranks each node was sent; with SCAFFOLD its Delta c_k too);
         # bad ones come back with a reason
         num_clients = max(p.num_clients for p, _ in self._sent.values()) if self._sent else 1
@@ -268,6 +278,14 @@ class FedLoRAStrategy(FlowerStrategy):
             profile, served = self._sent[node]
             if u.rank != served and node in self.profiles:
                 self.profiles[node] = dataclasses.replace(profile, rank=u.rank)
+
+    def _report_departures(self, server_round: int, connected: set[int]) -> None:
+        """Log each profiled node that was connected at the last round's start and is gone now."""
+        for node_id in sorted(self._connected - connected):
+            profile = self.profiles.get(node_id)
+            client = f" (client {profile.client_id})" if profile is not None else ""
+            log.warning("round %d: node %d%s left the federation; its client is not sampled until a node "
+                        "holding it connects again", server_round, node_id, client)
 
     def _discover(self, grid: Grid) -> None:
         """Ask nodes not seen before for their profile and take in the answers that have come.
