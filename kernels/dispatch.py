@@ -81,9 +81,9 @@ def native_dot(dtype: torch.dtype) -> bool:
 
     Kernels then round their fp32 operand (H, L) to the data's dtype in
     registers. The interpreter computes bf16 dots wrongly, so under it every
-    dot takes fp32 operands.
+    dot takes fp32 operands; captured launches (nothing runs) get the GPU's choice.
     """
-    return dtype in (torch.float16, torch.bfloat16) and not interpreting()
+    return dtype in (torch.float16, torch.bfloat16) and (_CAPTURE.get() is not None or not interpreting())
 
 
 # ------------------------------------------------------------------ autotune

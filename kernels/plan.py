@@ -9,7 +9,7 @@ same ranks reuses one plan for its forward and backward: :func:`cached_plan`
 keeps the recent ones, keyed by the layout and the device.
 
 Split outer products. ``outer`` (dA, dB) sums over all rows of an adapter. Its
-rows are cut into chunks of at most ``chunk_rows`` rows (whole segments are
+rows are cut into chunks of at most :func:`chunk_limit` rows (whole segments are
 grouped, long ones split), one program row per chunk, so one adapter over a long
 batch still fills the GPU. An adapter with one chunk is written directly; an
 adapter with several writes fp32 partial sums to a workspace that a second
@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows per outer-product chunk: at least MIN_CHUNK_ROWS, else about 1/16 of the batch.
-# A chunk's partial sum costs r * C fp32 words against its rows' 2 * rows * C bytes
-# of input: r / (2 * rows) extra traffic (r = 64: 6% at 512 rows). See bench/NOTES.md.
+# Rows per outer-product chunk: at least MIN_CHUNK_ROWS, else about 1/16 of the batch,
+# times ceil(rank / 16). A chunk's partial sum is r * C fp32 words (written, then read)
+# against its rows' 2 * rows * C bytes of 16-bit input: 2 r / rows of extra traffic each
+# way, at most 2 * 16 / MIN_CHUNK_ROWS = 6% with the rank factor; a higher rank has more
+# rank tiles per chunk, so it needs fewer chunks to fill the GPU. See bench/NOTES.md.
 MIN_CHUNK_ROWS = 512
 TARGET_CHUNKS = 16
 PLAN_CACHE_SIZE = 64
@@ -33,6 +35,11 @@ PLAN_CACHE_SIZE = 64
 
 def chunk_rows_for(num_rows: int) -> int:
     return max(MIN_CHUNK_ROWS, 16 * math.ceil(num_rows / TARGET_CHUNKS / 16))
+
+
+def chunk_limit(chunk_rows: int, rank: int) -> int:
+    """Most rows in one outer-product chunk of an adapter of ``rank``."""
+    return chunk_rows * max(1, math.ceil(rank / 16))
 
 
 def padded_width(max_rank: int) -> int:
@@ -103,8 +110,9 @@ class SegmentPlan:
             start += length
 
 
-def _chunks(seg_lens, adapter_ids, n: int, chunk_rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
-    """[(adapter, [(lo, hi), ...]), ...]: each adapter's rows cut into chunks of <= chunk_rows rows."""
+def _chunks(seg_lens, adapter_ids, ranks, chunk_rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """[(adapter, [(lo, hi), ...]), ...]: each adapter's rows cut into chunks of <= chunk_limit rows."""
+    n = len(ranks)
     rows_of: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     start = 0
     for length, a in zip(seg_lens, adapter_ids):
@@ -113,14 +121,15 @@ def _chunks(seg_lens, adapter_ids, n: int, chunk_rows: int) -> list[tuple[int, l
         start += length
     chunks = []
     for a in range(n):
+        limit = chunk_limit(chunk_rows, ranks[a])
         current, filled, mine = [], 0, 0
         for lo, hi in rows_of[a]:
             while lo < hi:
-                take = min(hi - lo, chunk_rows - filled)
+                take = min(hi - lo, limit - filled)
                 current.append((lo, lo + take))
                 filled += take
                 lo += take
-                if filled == chunk_rows:
+                if filled == limit:
                     chunks.append((a, current))
                     current, filled, mine = [], 0, mine + 1
         if current or mine == 0:  # an unused adapter keeps one empty chunk: its gradient rows get zeros
@@ -151,7 +160,7 @@ def make_plan(seg_lens, adapter_ids, ranks, device, chunk_rows: int | None = Non
     for r in ranks:
         offsets.append(offsets[-1] + r)
 
-    chunks = _chunks(seg_lens, adapter_ids, n, chunk_rows)
+    chunks = _chunks(seg_lens, adapter_ids, ranks, chunk_rows)
     per_adapter = [0] * n
     for a, _ in chunks:
         per_adapter[a] += 1

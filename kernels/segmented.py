@@ -338,7 +338,8 @@ def _outer_kernel(
 
 
 @autotune(
-    [{"BLOCK_R": 16, "BLOCK_C": 256}, {"BLOCK_R": 32, "BLOCK_C": 128}],
+    # a memory pass over a few MB: small tiles, so that one split adapter still gets many programs
+    [{"BLOCK_R": 16, "BLOCK_C": 64}, {"BLOCK_R": 16, "BLOCK_C": 256}, {"BLOCK_R": 32, "BLOCK_C": 128}],
     {"BLOCK_R": 16, "BLOCK_C": 32},
     key=["C", "max_rank"],
     stages=1,
