@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fedlora
 from fedlora.kernels import plan as P
@@ -165,3 +166,37 @@ def test_capture_records_launches_without_running(monkeypatch):
     assert [type(launch.kernel).__name__ for launch in launches] == ["Autotuner"]
     assert launches[0].args[0] is x and launches[0].args[2] is h
     assert callable(launches[0].grid)
+
+
+# ------------------------------------------------------------- no host reads of data
+class _HostReads(TorchDispatchMode):
+    """Every read of a tensor's value back to the host (``.item()``, ``bool(t)``...) in the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append((args[0].dtype, args[0].device))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["torch twins", "Triton launches (captured)"])
+def test_forward_and_backward_never_read_device_values_back(monkeypatch, path):
+    # On a GPU a host read of a CUDA tensor waits for the device. Only the batch layout is
+    # read on the host, and it lives in CPU int64 tensors the ops build themselves.
+    monkeypatch.setenv("FEDLORA_BACKEND", "torch")
+    model, x = _Model(), torch.randn(5, 3, 12, requires_grad=True)
+    tolist_of = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_of.append((t.dtype, t.device)) or real_tolist(t))
+    with fedlora.segments(model, [2, 3], [1, 0]), _HostReads() as reads:
+        if path == "torch twins":
+            model(x).sum().backward()
+        else:
+            with capture_launches() as launches:
+                model(x).sum().backward()
+            assert len(launches) >= 3 * (2 + 4)  # 3 layers: shrink, expand; shrink, expand, 2 outer
+    assert reads.reads == []
+    assert tolist_of and set(tolist_of) == {(torch.int64, torch.device("cpu"))}

@@ -33,6 +33,12 @@ from .checks import check_factors, check_segmented_inputs, check_segments
 
 
 # ------------------------------------------------------------------ custom ops
+def _layout_tensors(seg_lens: list[int], adapter_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    # On the CPU whatever torch's default device: the ops read them back on the host.
+    return (torch.tensor(seg_lens, dtype=torch.int64, device="cpu"),
+            torch.tensor(adapter_ids, dtype=torch.int64, device="cpu"))
+
+
 def _plan(x, ranks, seg_lens, adapter_ids) -> SegmentPlan:
     # seg_lens / adapter_ids are CPU tensors: reading them never waits for the device.
     # Every layer with these ranks, forward and backward, gets the same cached plan.
@@ -171,7 +177,7 @@ def segmented_lora_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: 
     seg_lens, adapter_ids = check_segments(x.shape[0], len(ranks), seg_lens, adapter_ids)
     return _SegmentedLoRAAdd.apply(
         out, x, A, B, scalings.to(device=x.device, dtype=torch.float32),
-        torch.tensor(seg_lens, dtype=torch.int64), torch.tensor(adapter_ids, dtype=torch.int64), ranks,
+        *_layout_tensors(seg_lens, adapter_ids), ranks,
     )
 
 
@@ -188,7 +194,7 @@ def segmented_lora(x: torch.Tensor, bank: AdapterBank, seg_lens, adapter_ids=Non
     seg_lens, adapter_ids = check_segments(x.shape[0], bank.num_adapters, seg_lens, adapter_ids)
     y, _ = _segmented_lora_op(
         x, bank.A, bank.B, bank.scalings,
-        torch.tensor(seg_lens, dtype=torch.int64), torch.tensor(adapter_ids, dtype=torch.int64),
+        *_layout_tensors(seg_lens, adapter_ids),
         bank.ranks,
     )
     return y
