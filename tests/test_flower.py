@@ -22,6 +22,7 @@ from .flower_helpers import (  # noqa: E402  (sets the quiet Flower environment 
     tensor_bytes,
     write_clients_jsonl,
 )
+from .conftest import rel_err  # noqa: E402
 
 import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, Message, MessageType  # noqa: E402
@@ -38,6 +39,7 @@ from fedlora.integrations.flower.wire import (  # noqa: E402
     encode_train,
     global_arrays,
 )
+from fedlora.simulation.personal import PersonalStore  # noqa: E402
 from fedlora.strategies import FLoRA  # noqa: E402
 from fedlora.strategies.base import merge_parts  # noqa: E402
 
@@ -313,6 +315,44 @@ def test_rolora_nodes_train_and_send_the_rounds_factor_only(dataset, tmp_path):
     assert first["accepted"] == second["accepted"] == ["user0", "user1", "user2"]  # frozen factors came back intact
 
 
+@pytest.mark.parametrize("global_B", ["none", "average"])
+def test_fedsalora_nodes_keep_their_B_and_match_simulate(global_B, dataset, tmp_path):
+    """The server sends A only, each node keeps its B on its own disk (zeroed in its reply unless
+    global_B="average"); the shared A, the global B and every client's B end as in simulate."""
+    settings = run_settings(dataset, tmp_path / "flower", "fedsalora", rounds=3,
+                            strategy_options={"global_B": global_B})
+    replies = []
+
+    def keep(msg, reply):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            replies.append(decode_reply(reply.content))
+        return reply
+
+    wrapper, grid = flower_run(settings, {"tamper": keep})
+    # B leaves a node only when the server takes it back
+    assert len(replies) == 9
+    assert all(b.any() == (global_B == "average") for u in replies for _, b, _ in u.modules.values())
+    reference = simulated(settings, tmp_path / "sim")
+    want = reference.strategy.state_dict()["tensors"]
+    for key, value in wrapper.strategy.state_dict()["tensors"].items():
+        assert rel_err(value, want[key]) < 1e-5 if want[key].any() else not value.any(), key
+    flower_store = PersonalStore(tmp_path / "flower" / "clients" / "run-1")  # the LocalGrid's run id
+    sim_store = PersonalStore(tmp_path / "sim" / "clients")
+    for client in ("user0", "user1", "user2"):
+        got, ref = flower_store.load(client, 3), sim_store.load(client, 3)
+        assert got.keys() == ref.keys() and all(rel_err(got[n]["B"], ref[n]["B"]) < 1e-5 for n in ref)
+    for got, ref in zip(wrapper.history, reference.metrics, strict=True):
+        assert (got["bytes_up"], got["bytes_down"], got["accepted"]) == (ref["bytes_up"], ref["bytes_down"],
+                                                                         ref["accepted"])
+    shapes = wrapper.strategy.module_shapes
+    A_bytes = sum(tensor_bytes(torch.empty(r, d_in)) for r in (4, 8, 16) for _, d_in in shapes.values())
+    B_bytes = sum(tensor_bytes(torch.empty(d_out, r)) for r in (4, 8, 16) for d_out, _ in shapes.values())
+    assert wrapper.history[0]["bytes_down"] == A_bytes
+    assert wrapper.history[0]["bytes_up"] == A_bytes + (B_bytes if global_B == "average" else 0)
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert not any(key.endswith(".lora_B") for m in train for key in m.content["fedlora.start"])
+
+
 # --------------------------------------------------------- config, example, CLI
 def test_run_config_maps_to_simconfig(tmp_path):
     cfg, settings = load_run_config({"local-steps": 7, "rank_levels": "2,4", "client-ranks": "2,4,4",
@@ -363,6 +403,18 @@ def test_cli_flower_commands_and_connection(tmp_path, monkeypatch, capsys):
     assert (loop.name, loop.address, loop.insecure) == ("loop", "127.0.0.1:9100", True)
     sim = read_superlink_connection("sim3")
     assert sim.address == ":local:" and sim.options.num_supernodes == 3
+
+
+def test_train_messages_name_the_factors_a_node_keeps_and_sends():
+    factors = {"m": (torch.ones(2, 3), torch.zeros(4, 2), 4.0)}
+    task = decode_train(encode_train(0, 1, "c0", factors, None, True, personal=("B",), upload=("A",)))
+    assert (task.personal, task.upload) == (("B",), ("A",)) and task.factors["m"][1] is None
+    assert torch.equal(task.factors["m"][0], factors["m"][0])
+    for bad in ('["C"]', '"B"', '["B", "B"]', "[1]"):
+        content = encode_train(0, 1, "c0", factors, None, True)
+        content["fedlora.round"]["personal"] = bad
+        with pytest.raises(ValueError, match="malformed train message: .*personal must be a JSON list"):
+            decode_train(content)
 
 
 def test_flora_global_parts_travel_as_stacks_until_they_outgrow_dense():

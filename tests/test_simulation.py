@@ -121,6 +121,8 @@ STRATEGY_ARGS = {
     "fedexlora": ["--rank_distribution", "homogeneous"],  # one rank (8): the residual completes one average
     "fedsvd": [],
     "lorafair": [],
+    # B stays with each client; "average" also uploads it for a global model (evaluated and exported)
+    "fedsalora": ["--strategy_options.global_B", "average"],
 }
 
 

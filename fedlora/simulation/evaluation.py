@@ -18,6 +18,7 @@ import torch
 from fedlora.data.clients import IGNORE_INDEX, collate_clients
 from fedlora.layers import segments
 from fedlora.strategies import Strategy
+from fedlora.strategies.base import merge_parts
 
 from .trainer import FederatedModel, client_losses
 
@@ -139,3 +140,41 @@ def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad
     if spectrum:
         out["spectrum"] = update_spectrum(deltas, spectrum_modules(list(deltas)), spectrum)
     return out
+
+
+def label_tokens(examples: Sequence) -> int:
+    """The next-token targets of ``examples``: what evaluate_loss averages over."""
+    return sum(int((ex["labels"][1:] != IGNORE_INDEX).sum()) for ex in examples)
+
+
+def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_of, pad_id: int,
+                      budget: int) -> dict:
+    """Each client's personalised model on its own held-out examples (rules with ``personal`` factors).
+
+    clients: the training clients in data order; factors_of(client) -> the factors it would start
+    the next round from (the rule's shared factors with its own personal ones). The examples are
+    the global evaluation's held-out set (up to ``budget``, client by client), so
+    ``eval_personal_heldout_*`` and ``eval_heldout_*`` score the same tokens. Token-weighted.
+    """
+    base = strategy.client_base()
+    fm.set_deltas(merge_parts(base) if base else None)
+    total = tokens = 0.0
+    scored = 0
+    for client in clients:
+        if budget <= 0:
+            break
+        examples = list(client.heldout[:budget])
+        if not examples:
+            continue
+        budget -= len(examples)
+        fm.load_clients([factors_of(client)])
+        n = label_tokens(examples)
+        total += evaluate_loss(fm, examples, pad_id) * n
+        tokens += n
+        scored += 1
+    fm.set_deltas(None)
+    if not tokens:
+        return {}
+    loss = total / tokens
+    return {"eval_personal_heldout_loss": loss, "eval_personal_heldout_ppl": math.exp(min(loss, 50.0)),
+            "eval_personal_clients": scored}

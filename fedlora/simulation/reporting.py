@@ -46,7 +46,9 @@ EVAL_KEYS = ("eval_heldout_loss", "eval_heldout_ppl", "eval_unseen_loss", "eval_
 
 
 def _eval_parts(record: dict) -> list[str]:
-    return [f"{key.removeprefix('eval_')} {record[key]:.4f}" for key in EVAL_KEYS if key in record]
+    # and the personalised models' loss, for rules whose clients keep factors of their own (FedSA-LoRA)
+    keys = (*EVAL_KEYS, "eval_personal_heldout_loss")
+    return [f"{key.removeprefix('eval_')} {record[key]:.4f}" for key in keys if key in record]
 
 
 def summary(record: dict, rounds: int) -> None:
@@ -103,6 +105,9 @@ def plot(metrics: list[dict], path: Path, base: dict | None = None, title: str =
         rounds, values = _series(metrics, base, f"eval_{split}_loss", lambda v: math.exp(min(v, 50.0)))
         if rounds:
             ppl_ax.plot(rounds, values, label=labels[split], **styles[split])
+    rounds, values = _series(metrics, None, "eval_personal_heldout_loss")  # FedSA-LoRA's own models
+    if rounds:
+        loss_ax.plot(rounds, values, color="tab:green", marker="D", label="held-out data, personalised models")
     loss_ax.set_ylabel("next-token loss (nats)")
     ppl_ax.set_ylabel("perplexity")
     loss_ax.set_title("loss")

@@ -30,6 +30,7 @@ from fedlora.strategies.base import merge_parts
 
 from .config import SimConfig
 from .corrections import Controls, add, control_bytes, control_delta, control_shift, fit
+from .personal import PersonalStore, keep_personal, with_personal, withhold
 from .setup import lora_alpha
 from .trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
 
@@ -91,9 +92,10 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def factor_bytes(factors) -> int:
-    """What a client receives: its starting A and B of every module."""
-    return tensor_bytes(t for a, b, _ in factors.values() for t in (a, b))
+def factor_bytes(factors, personal=()) -> int:
+    """What a client receives: its starting A and B of every module, less the factors it keeps itself
+    (``strategy.personal``: FedSA-LoRA's B never comes from the server)."""
+    return tensor_bytes(t for a, b, _ in factors.values() for key, t in (("A", a), ("B", b)) if key not in personal)
 
 
 def base_bytes(parts) -> int:
@@ -167,6 +169,14 @@ def control_step(sent: Controls, own: Controls | None, start, trained, lr_sum: f
     return delta, add(fit(own, start_ranks(start)), delta)
 
 
+def outgoing_update(update: ClientUpdate, round_idx: int, personal, uploaded,
+                    store: PersonalStore | None) -> ClientUpdate:
+    """What a client sends after training: its ``personal`` factors stored (``store``) for its next
+    round, and zeroed in the update unless the rule takes them back this round (``uploaded``)."""
+    keep_personal(update, round_idx, personal, store)
+    return withhold(update, [f for f in personal if f not in uploaded])
+
+
 # ------------------------------------------------------------------ records
 def round_record(round_idx: int, clients: Sequence[str], ranks: Sequence[int], trained_ranks: Sequence[int],
                  updates: Sequence[ClientUpdate], result: AggregationResult, rejected: Mapping[str, str],
@@ -225,8 +235,8 @@ def aggregate_round(cfg: SimConfig, strategy: Strategy, round_idx: int, updates:
 def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Strategy,
               sampled: Sequence[ClientDataset], rank_of: Mapping[str, int], pad_id: int,
               update_hook: UpdateHook | None = None, progress: Callable[[int], None] | None = None,
-              client_state: dict[str, dict] | None = None, client_controls: dict[str, Controls] | None = None
-              ) -> dict:
+              client_state: dict[str, dict] | None = None, client_controls: dict[str, Controls] | None = None,
+              personal_store: PersonalStore | None = None) -> dict:
     """Train ``sampled`` clients of the round in one batched pass, aggregate, return the round record.
 
     client_state: each client's own memory across rounds (client id -> JSON-able dict), read and
@@ -234,12 +244,14 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     The record's ``self_pruned`` (when any) maps a client to the smaller rank it uploaded and trains at from now on.
     client_controls: with ``cfg.scaffold``, each client's own c_k (client id -> Controls), updated
     here for every client that trained, as the client itself would; N is ``len(rank_of)``.
+    personal_store: where clients keep the rule's personal factors across rounds (``strategy.personal``).
     """
     client_state = {} if client_state is None else client_state
     client_controls = {} if client_controls is None else client_controls
     ids = [c.client_id for c in sampled]
     ranks = [rank_of[c] for c in ids]
-    starts = [start_factors(cfg, strategy, cid, r) for cid, r in zip(ids, ranks)]
+    starts = [with_personal(start_factors(cfg, strategy, cid, r), cid, round_idx, strategy.personal, personal_store,
+                            strategy.module_shapes) for cid, r in zip(ids, ranks)]
     fm.load_clients(starts)
     base = strategy.client_base()
     fm.set_deltas(merge_parts(base) if base else None)
@@ -256,7 +268,9 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
 
     updates, failed, deltas = [], {}, {}
     bytes_up = 0
-    bytes_down = sum(factor_bytes(s) + control_bytes(None if sent is None else sent[k]) for k, s in enumerate(starts))
+    bytes_down = sum(factor_bytes(s, strategy.personal) + control_bytes(None if sent is None else sent[k])
+                     for k, s in enumerate(starts))
+    uploaded = strategy.uploaded_at(round_idx)
     for k, client in enumerate(sampled):
         if sent is not None:  # the client's own SCAFFOLD step: it keeps c_k^+ and sends Delta c_k
             trained = fm.client_factors(k, {n: f[2] for n, f in starts[k].items()})
@@ -264,6 +278,7 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
                 sent[k], client_controls.get(client.client_id), starts[k], trained, plan.lr_sum(k))
         update = trained_update(cfg, fm, k, client, starts[k], losses[k], strategy,
                                 client_state.setdefault(client.client_id, {}))
+        update = outgoing_update(update, round_idx, strategy.personal, uploaded, personal_store)
         try:
             if update_hook is not None:
                 update = update_hook(update)
@@ -271,7 +286,7 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
             failed[client.client_id] = f"client crashed: {type(exc).__name__}: {exc}"
             log.warning("round %d: %s", round_idx, failed[client.client_id])
             continue
-        bytes_up += upload_bytes(update, strategy.uploaded_at(round_idx)) + control_bytes(deltas.get(client.client_id))
+        bytes_up += upload_bytes(update, uploaded) + control_bytes(deltas.get(client.client_id))
         updates.append(update)
     served = served_ranks(ids, starts)
     result = aggregate_round(cfg, strategy, round_idx, updates, served, deltas, len(rank_of), failed)

@@ -28,10 +28,11 @@ from . import reporting
 from .checkpoints import Checkpoints, fingerprint, run_defining
 from .config import InputError, SimConfig
 from .corrections import Controls, controls_from_bytes, controls_to_bytes
-from .evaluation import evaluate_global, evaluate_model, evaluation_size
+from .evaluation import evaluate_global, evaluate_model, evaluate_personal, evaluation_size
 from .export import export_peft_adapter
 from .outputs import prepare_output_dir
-from .round import UpdateHook, local_steps, num_sampled, run_round, sample, sampling_note
+from .personal import PersonalStore, with_personal
+from .round import UpdateHook, local_steps, num_sampled, run_round, sample, sampling_note, start_factors
 from .setup import Federation, make_strategy, model_label, setup_run
 
 BASE_EVAL_FILE = "base_eval.json"  # the base model's metrics: round 0 of every curve
@@ -112,6 +113,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
     client_state: dict[str, dict] = {}  # each client's own memory across rounds (the rule's client-side hooks)
     client_controls: dict[str, Controls] = {}  # SCAFFOLD: each client's own control variate c_k
+    # the factors each client keeps to itself across rounds (strategy.personal: FedSA-LoRA's B), on disk
+    personal_store = PersonalStore(out / "clients") if strategy.personal else None
     start_round = 0
     if cfg.resume:
         state = checkpoints.load(strategy, files=[CONTROLS_FILE] if cfg.scaffold else [])
@@ -175,7 +178,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
                                        total=sum(local_steps(cfg, c.num_examples) for c in sampled))
         try:
             record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
-                               progress=steps_bar.update, client_state=client_state, client_controls=client_controls)
+                               progress=steps_bar.update, client_state=client_state, client_controls=client_controls,
+                               personal_store=personal_store)
         finally:
             steps_bar.close()
         rank_of.update(record.get("self_pruned", {}))  # a client that pruned its rank trains at it from now on
@@ -184,6 +188,12 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         if cfg.eval_every and (number % cfg.eval_every == 0 or number == cfg.rounds):
             generate = number == cfg.rounds or bool(cfg.eval_generate_every and number % cfg.eval_generate_every == 0)
             record.update(evaluate(f"round {number}: evaluation", strategy, generate))
+            if strategy.personal:  # and each client's own model, as it starts the next round
+                def factors_of(client, next_round=round_idx + 1):
+                    return with_personal(start_factors(cfg, strategy, client.client_id, rank_of[client.client_id]),
+                                         client.client_id, next_round, strategy.personal, personal_store,
+                                         strategy.module_shapes)
+                record.update(evaluate_personal(fm, strategy, clients, factors_of, pad_id, cfg.eval_max_examples))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)

@@ -3,6 +3,7 @@ from . import registry
 from .base import AggregationResult, Strategy
 from .fedavg import FedAvg
 from .fedexlora import FedExLoRA
+from .fedsalora import FedSALoRA
 from .fedsvd import FedSVD
 from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
@@ -11,5 +12,6 @@ from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_
 from .lorafair import LoRAFAIR
 from .rolora import RoLoRA
 
-__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FedSVD", "FlexLoRA", "HetLoRA", "LoRAFAIR", "RoLoRA", "Strategy",
+__all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FedSALoRA", "FedSVD", "FlexLoRA",
+           "HetLoRA", "LoRAFAIR", "RoLoRA", "Strategy",
            "rank_self_pruning_penalty", "registry", "self_pruned_rank", "tail_norm"]

@@ -15,6 +15,7 @@ from . import server_opt
 from .base import Strategy
 from .fedavg import FedAvg
 from .fedexlora import FedExLoRA
+from .fedsalora import FedSALoRA
 from .fedsvd import FedSVD
 from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
@@ -25,7 +26,7 @@ from .rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FFALoRA, HetLoRA, FlexLoRA, FLoRA,
                                                                    RoLoRA, FedExLoRA, FedSVD,
-                                                                   LoRAFAIR)}
+                                                                   LoRAFAIR, FedSALoRA)}
 
 # Settings every run passes itself (from SimConfig), so they are not strategy_options.
 RUN_SETTINGS = ("use_rslora", "seed", "dtype", "device")

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
@@ -28,8 +29,9 @@ from fedlora.data import ClientDataset
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.update import ClientUpdate
 from fedlora.simulation.config import SimConfig
-from fedlora.simulation.round import (client_stream, control_shift_of, control_step, local_plan, served_rank,
-                                      trained_update)
+from fedlora.simulation.personal import PersonalStore, with_personal
+from fedlora.simulation.round import (client_stream, control_shift_of, control_step, local_plan, outgoing_update,
+                                      served_rank, trained_update)
 from fedlora.simulation.setup import RunSetup, setup_run
 from fedlora.simulation.trainer import train_clients
 from fedlora.strategies import registry
@@ -71,16 +73,18 @@ def node_client(context: Context, data: RunSetup) -> tuple[int, ClientDataset, i
 
 
 def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: TrainInstruction,
-                 state: dict | None = None, controls: dict | None = None) -> ClientUpdate:
-    """One round of local training of ``client`` from the factors the server sent.
+                 state: dict | None = None, controls: dict | None = None,
+                 store: PersonalStore | None = None) -> ClientUpdate:
+    """One round of local training of ``client`` from the factors the server sent; the update it sends.
 
     state: the client's own memory across rounds (the rule's client-side hooks, e.g. HetLoRA's
     previous tail norm), read and updated in place; the ClientApp keeps it in the node's context.
     controls: SCAFFOLD's memory when the server sent its c (``task.controls``): ``{"own": c_k or
     None}`` is read, and ``"own"`` (c_k^+) and ``"delta"`` (Delta c_k, for the reply) are set.
+    store: where the node keeps the factors it does not share (``task.personal``), as simulate does.
     """
     fm = data.fm
-    factors = task.factors
+    factors = with_personal(task.factors, client.client_id, task.round, task.personal, store, fm.module_shapes)
     rule = registry.create(cfg.strategy, cfg.strategy_options, use_rslora=cfg.use_rslora, seed=cfg.seed)
     fm.load_clients([factors])
     fm.set_deltas(merge_parts(task.global_parts) if task.global_parts else None)
@@ -96,7 +100,18 @@ def train_client(cfg: SimConfig, data: RunSetup, client: ClientDataset, task: Tr
         trained = fm.client_factors(0, {n: f[2] for n, f in factors.items()})
         controls["delta"], controls["own"] = control_step(task.controls, controls.get("own"), factors, trained,
                                                           plan.lr_sum(0))
-    return trained_update(cfg, fm, 0, client, factors, losses, rule, state)
+    update = trained_update(cfg, fm, 0, client, factors, losses, rule, state)
+    return outgoing_update(update, task.round, task.personal, task.upload, store)
+
+
+def personal_store(cfg: SimConfig, context: Context) -> PersonalStore:
+    """Where this node keeps its client's personal factors: ``run-<Flower run id>`` under node_config
+    ``personal-dir``, else under ``output_dir/clients`` (relative to the node's working directory);
+    one folder per run, so a new run never starts from an earlier run's factors."""
+    folder = context.node_config.get("personal-dir", str(Path(cfg.output_dir) / "clients"))
+    if not isinstance(folder, str) or not folder:
+        raise ValueError(f"node_config personal-dir must be a folder path, got {folder!r}")
+    return PersonalStore(Path(folder).expanduser() / f"run-{int(context.run_id)}")
 
 
 def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | None = None,
@@ -141,7 +156,8 @@ def client_app(cfg: SimConfig | None = None, *, base_dir: str | os.PathLike | No
         state = json.loads(memory["json"]) if memory is not None else {}
         # SCAFFOLD: the node keeps its own c_k there too and sends only Delta c_k
         controls = {"own": decode_controls(context.state)}
-        update = train_client(run_cfg, data, client, task, state, controls)
+        store = personal_store(run_cfg, context) if task.personal else None
+        update = train_client(run_cfg, data, client, task, state, controls, store)
         context.state.config_records[CLIENT_STATE_KEY] = ConfigRecord({"json": json.dumps(state)})
         if "own" in controls and controls["own"] is not None:
             context.state[CONTROLS] = controls_record(controls["own"])

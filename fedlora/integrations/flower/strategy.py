@@ -153,13 +153,14 @@ class FedLoRAStrategy(FlowerStrategy):
             controls = (strategy.server_controls(start_ranks(factors), strategy.uploaded_at(round_idx))
                         if self.cfg.scaffold else None)
             content = encode_train(round_idx, server_round, profile.client_id, factors, deltas,
-                                   "A" in trainable, train_B="B" in trainable, controls=controls)
+                                   "A" in trainable, train_B="B" in trainable, controls=controls,
+                                   personal=strategy.personal, upload=strategy.uploaded_at(round_idx))
             messages.append(Message(content, dst_node_id=profile.node_id, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
             # FedAvg's bucket mode may serve less than asked; the client's rank is its largest module rank.
             self._sent[profile.node_id] = (profile, served_rank(factors))
             self._served.update(served_ranks([profile.client_id], [factors]))
-            bytes_down += factor_bytes(factors) + control_bytes(controls)
+            bytes_down += factor_bytes(factors, strategy.personal) + control_bytes(controls)
             payload_down += payload_bytes(content)
         self._round = {"round": round_idx, "server_round": server_round, "started": started,
                        "not_started": not_started, "bytes_down": bytes_down,

@@ -7,11 +7,14 @@ Three exchanges, each one Flower ``Message`` with a ``RecordDict``:
   examples, module shapes as JSON).
 * train (``train``): the server sends the factors for the node's own rank
   (``fedlora.start`` ArrayRecord: ``{module}.lora_A`` [r, d_in],
-  ``{module}.lora_B`` [d_out, r]; for strategies that train on top of the global
-  update (FLoRA) also its parts: ``{module}.global_A`` [R, d_in] and
+  ``{module}.lora_B`` [d_out, r], except a factor the node keeps itself (FedSA-LoRA's B);
+  for strategies whose clients train on top of a global delta (FLoRA's update,
+  FedEx-LoRA's residual) also its parts: ``{module}.global_A`` [R, d_in] and
   ``{module}.global_B`` [d_out, R], the stacked factors, and ``{module}.global_dense``
-  [d_out, d_in] once a module's stack has been folded into a dense matrix) and the round (``fedlora.round`` ConfigRecord: round index, client
-  id, per-module alphas as JSON, whether A and B train).
+  [d_out, d_in] once a module's stack has been folded into a dense matrix) and the round
+  (``fedlora.round`` ConfigRecord: round index, client id, per-module alphas as JSON,
+  whether A and B train, the factors the node keeps itself (``personal``) and those the
+  server takes back (``upload``), as JSON lists).
 * SCAFFOLD (``scaffold = true``): the train message also holds the server's control variate at
   the node's rank and the reply the client's change Delta c_k, each a ``fedlora.scaffold``
   ArrayRecord (``{module}.control_A`` [r, d_in], ``{module}.control_B`` [d_out, r], for the
@@ -81,6 +84,8 @@ class TrainInstruction:
     train_A: bool
     train_B: bool = True
     controls: Controls | None = None  # SCAFFOLD: the server's c at this node's ranks
+    personal: tuple[str, ...] = ()  # factors the node keeps itself across rounds (not sent: B is None)
+    upload: tuple[str, ...] = ("A", "B")  # factors the server takes back (a personal one not here is zeroed)
 
 
 # ------------------------------------------------------------------ profile
@@ -126,10 +131,13 @@ def decode_profile(message: Message) -> NodeProfile:
 
 
 # -------------------------------------------------------------------- train
-def start_arrays(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> dict[str, Array]:
+def start_arrays(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], personal=()) -> dict[str, Array]:
+    """The starting factors as Arrays, without the ones the node keeps itself (``personal``)."""
     out = {}
     for name, (a, b, _) in factors.items():
-        out[name + _A], out[name + _B] = Array(a.detach().cpu().contiguous()), Array(b.detach().cpu().contiguous())
+        for suffix, key, tensor in ((_A, "A", a), (_B, "B", b)):
+            if key not in personal:
+                out[name + suffix] = Array(tensor.detach().cpu().contiguous())
     return out
 
 
@@ -146,11 +154,12 @@ def global_arrays(parts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, t
 def encode_train(round_idx: int, server_round: int, client_id: str,
                  factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
                  deltas: Mapping[str, Array] | None, train_A: bool, *, train_B: bool = True,
-                 controls: Controls | None = None) -> RecordDict:
-    arrays = ArrayRecord({**start_arrays(factors), **(deltas or {})})
+                 controls: Controls | None = None, personal=(), upload=("A", "B")) -> RecordDict:
+    """personal: factors the node keeps itself (not sent); upload: the factors the rule takes back."""
+    arrays = ArrayRecord({**start_arrays(factors, personal), **(deltas or {})})
     content = RecordDict({START: arrays, ROUND: ConfigRecord({
         "round": round_idx, "server-round": server_round, "client-id": client_id, "train-A": bool(train_A),
-        "train-B": bool(train_B),
+        "train-B": bool(train_B), "personal": json.dumps(list(personal)), "upload": json.dumps(list(upload)),
         "alphas": json.dumps({n: float(f[2]) for n, f in factors.items()}),
     })})
     if controls is not None:
@@ -163,7 +172,11 @@ def decode_train(content: RecordDict) -> TrainInstruction:
     arrays = _get(content, START, ArrayRecord)
     try:
         alphas = json.loads(cfg["alphas"])
-        factors = {n: (_tensor(arrays[n + _A]), _tensor(arrays[n + _B]), float(alpha)) for n, alpha in alphas.items()}
+        personal, upload = _factor_list(cfg, "personal"), _factor_list(cfg, "upload")
+        if "A" in personal:
+            raise ValueError("A cannot be personal (it is the shared factor)")
+        factors = {n: (_tensor(arrays[n + _A]), None if "B" in personal else _tensor(arrays[n + _B]), float(alpha))
+                   for n, alpha in alphas.items()}
         parts = {}
         for key in arrays:
             if key.endswith(_GLOBAL[1]):
@@ -172,7 +185,8 @@ def decode_train(content: RecordDict) -> TrainInstruction:
                 parts[name] = (None if dense is None else _tensor(dense), _tensor(arrays[key]),
                                _tensor(arrays[name + _GLOBAL[2]]))
         return TrainInstruction(int(cfg["round"]), str(cfg["client-id"]), factors, parts or None,
-                                _flag(cfg, "train-A"), _flag(cfg, "train-B"), decode_controls(content))
+                                _flag(cfg, "train-A"), _flag(cfg, "train-B"), decode_controls(content),
+                                personal, upload)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"malformed train message: {type(exc).__name__}: {exc}") from None
 
@@ -264,6 +278,13 @@ def _flag(record: ConfigRecord, key: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be a bool, got {type(value).__name__}")
     return value
+
+
+def _factor_list(record: ConfigRecord, key: str) -> tuple[str, ...]:
+    value = json.loads(record[key])
+    if not isinstance(value, list) or not set(value) <= {"A", "B"} or len(set(value)) != len(value):
+        raise ValueError(f"{key} must be a JSON list of distinct factors 'A' and 'B', got {record[key]!r}")
+    return tuple(value)
 
 
 def _tensor(array: Array) -> torch.Tensor:
