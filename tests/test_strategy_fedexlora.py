@@ -114,3 +114,19 @@ def test_state_round_trips_and_refuses_a_server_optimizer(tmp_path):
     assert all(torch.equal(v, t._tensors[k]) for k, v in s._tensors.items())
     with pytest.raises(ValueError, match="fedexlora does not admit a server optimizer"):
         FedExLoRA(server_opt="avgm")
+
+
+def test_a_generic_residual_keeps_every_direction():
+    """26 clients of rank 8: a residual of rank (n - 1) r = 200 in 512 x 512 (factors while 200 < 256) whose
+    singular values spread over orders of magnitude; the SVD may drop only what is at its own rounding level."""
+    shapes = {"m": (512, 512)}
+    s = FedExLoRA()
+    s.init_global(shapes, rank=8)
+    ups = trained_updates(s, [8] * 26, seed=7)
+    for k, u in enumerate(ups):  # spread the clients' sizes (within the norm-outlier bound of 10x the median)
+        a, b, alpha = u.modules["m"]
+        u.modules["m"] = (a, b * (1.09 ** k), alpha)
+    assert s.aggregate(ups).accepted == [u.client_id for u in ups]
+    dense, A, B = s.client_base()["m"]
+    assert dense is None and A.shape[0] == 200
+    assert rel(s.global_delta("m"), weighted_delta64(ups, "m")) < TOL32

@@ -19,9 +19,10 @@ D_k = s_k B_k - B_bar, whose weighted sum is zero,
 
 a stack of rank (n - 1) r (the sum_k r_k + r of the stacked form, less r + r), built
 without a d_out x d_in matrix; a factored SVD (``lowrank_svd(method="factored")``, QRs
-of the stack and an SVD of its core) then drops the directions whose singular values are at the rounding level of the
-product (<= K eps ||B_stack||_F ||A_stack||_F; e.g. all of them when every client kept
-one A), and the compressed factors are kept when they have fewer rows. The residuals
+of the stack and an SVD of its core) then drops the directions whose singular values are
+at the SVD's own rounding level (<= K eps S_max, a backward-stable SVD's error; all of
+them when the residual is exactly zero, e.g. every client kept one A), and the
+compressed factors are kept when they have fewer rows. The residuals
 accumulate (the clients' frozen base is the base plus every past residual) as parts
 dense + B A (:mod:`fedlora.strategies.parts`): stacked factors while they hold fewer
 numbers than a dense matrix, dense beyond. ``client_base()`` hands those parts to every
@@ -103,8 +104,7 @@ class FedExLoRA(TruncatedFactors):
             eps = torch.finfo(S.dtype).eps
             for i, name in enumerate(names):
                 A, B = stacks[name]
-                tol = A.shape[0] * eps * (A.double().norm() * B.double().norm()).item()
-                keep = int((S[i] > tol).sum())
+                keep = int((S[i] > A.shape[0] * eps * S[i][0]).sum())  # S is sorted: S[i][0] = S_max
                 if keep < A.shape[0]:
                     out[name] = ((V[i][:, :keep].T).to(self.dtype).contiguous(),
                                  (U[i][:, :keep] * S[i][:keep]).to(self.dtype).contiguous())
