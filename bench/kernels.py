@@ -171,10 +171,12 @@ def _delta(d_in, d_out, dtype):
     from fedlora.ops import lora_delta
 
     banks = [_bank(d_in, d_out, [4, 17], dtype), _bank(d_in, d_out, [30, 2], dtype, seed=1)]
-    try:
-        lora_delta(banks, weights=[0.3, 0.7])
-    except ValueError:  # its check of the result reads an output the captured launch never wrote
-        pass
+    # The banks' own dtype, and fp32 out of 16-bit banks (lowrank_svd's dense path).
+    for out_dtype in {dtype, torch.float32}:
+        try:
+            lora_delta(banks, weights=[0.3, 0.7], dtype=out_dtype)
+        except ValueError:  # its check of the result reads an output the captured launch never wrote
+            pass
 
 
 def scenarios() -> list[Scenario]:

@@ -99,8 +99,9 @@ def aligned16(*tensors: torch.Tensor) -> bool:
 def autotune(configs: list[dict], interp: dict, key: list[str], warps: int = 4, stages: int = 3, **kwargs):
     """``triton.autotune`` over ``configs``: dicts of meta-parameters, with optional
     ``num_warps`` / ``num_stages`` (default ``warps`` / ``stages``) and ``needs``, a tuple of
-    the kernel's boolean constexprs (e.g. ``("ALIGNED", "NATIVE_DOT")``) that must be true for
-    the config to be offered: a wide tile that spills on unaligned or fp32 data is pruned there.
+    the kernel's constexprs that must be true (a name, e.g. ``"ALIGNED"``) or equal a value
+    (a ``(name, value)`` pair) for the config to be offered: a wide tile that spills on
+    unaligned or fp32 data is pruned there.
 
     Under the interpreter the tuner gets ``interp`` alone (it cannot autotune over several
     configs). ``tuner.gpu_configs`` keeps the GPU list either way and
@@ -129,8 +130,15 @@ def autotune(configs: list[dict], interp: dict, key: list[str], warps: int = 4, 
     return wrap
 
 
+def _holds(need, args: dict) -> bool:
+    if isinstance(need, tuple):
+        name, value = need
+        return args.get(name) == value
+    return bool(args.get(need))
+
+
 def _offered(configs, args: dict) -> list:
-    return [c for c in configs if all(args.get(flag) for flag in getattr(c, "fedlora_needs", ()))]
+    return [c for c in configs if all(_holds(need, args) for need in getattr(c, "fedlora_needs", ()))]
 
 
 def shipped_configs(kernel, args: dict) -> list:

@@ -37,8 +37,9 @@ FP32_DOT, NATIVE_DOT, SPLIT_DOT = 0, 1, 2
 
 @autotune(
     [
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "needs": ("ALIGNED", "DOT")},
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "needs": ("ALIGNED", "DOT")},
+        # SPLIT_DOT holds two more 16-bit tiles: the 128 x 128 tiles spilled with it on sm_80
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "needs": ("ALIGNED", ("DOT", NATIVE_DOT))},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "needs": ("ALIGNED", ("DOT", NATIVE_DOT))},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "needs": ("ALIGNED", "DOT")},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "needs": ("ALIGNED",)},
         {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_stages": 2},
@@ -52,6 +53,7 @@ def _reconstruct_kernel(
     M, N, max_rank,
     stride_bm, stride_bk, stride_ak, stride_an, stride_ol, stride_om, stride_on,
     DOT: tl.constexpr, A_IS_BF16: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[l] = B[:, k_l] diag(scale[k_l]) A[k_l, :] with k_l = layer_offsets[l]..layer_offsets[l+1].
@@ -64,6 +66,9 @@ def _reconstruct_kernel(
     ALIGNED: A and out rows are 16-byte aligned (dispatch.aligned16), so the autotuner may offer
     the wide tiles (those also need tensor-core dots, DOT != FP32_DOT). B is left out: its tiles
     start at each layer's rank offset, never vectorisable, and every config is sized for that.
+    UPCAST (the interpreter only, whose bf16 dots are wrong): the 16-bit operands go to tl.dot
+    as fp32, which holds their products exactly, so NATIVE_DOT and SPLIT_DOT are tested on
+    the CPU with the GPU's arithmetic.
     """
     layer = tl.program_id(1)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -89,16 +94,27 @@ def _reconstruct_kernel(
         c = tl.load(scale_ptr + k_lo + k0 + offs_k, mask=k_mask, other=0.0)
         bc = bt.to(tl.float32) * c[None, :]  # scaled in fp32: c = w_i s_i is not a 16-bit number
         if DOT == 1:
-            acc = tl.dot(bc.to(at.dtype), at, acc)
+            b16 = bc.to(at.dtype)
+            if UPCAST:
+                acc = tl.dot(b16.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b16, at, acc)
         elif DOT == 2:
             b_hi = bc.to(tl.bfloat16)
             b_lo = (bc - b_hi.to(tl.float32)).to(tl.bfloat16)
             a_hi = at.to(tl.bfloat16)
-            acc = tl.dot(b_hi, a_hi, acc)
-            acc = tl.dot(b_lo, a_hi, acc)
-            if not A_IS_BF16:  # fp16 A has 3 bits more than bf16: dot its remainder too
-                a_lo = (at.to(tl.float32) - a_hi.to(tl.float32)).to(tl.bfloat16)
-                acc = tl.dot(b_hi, a_lo, acc)
+            # fp16 A has 3 bits more than bf16: its remainder is dotted too (exact in bf16)
+            a_lo = (at.to(tl.float32) - a_hi.to(tl.float32)).to(tl.bfloat16)
+            if UPCAST:
+                acc = tl.dot(b_hi.to(tl.float32), a_hi.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(b_lo.to(tl.float32), a_hi.to(tl.float32), acc, input_precision="ieee")
+                if not A_IS_BF16:
+                    acc = tl.dot(b_hi.to(tl.float32), a_lo.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b_hi, a_hi, acc)
+                acc = tl.dot(b_lo, a_hi, acc)
+                if not A_IS_BF16:
+                    acc = tl.dot(b_hi, a_lo, acc)
         else:
             acc = tl.dot(bc, at.to(tl.float32), acc, input_precision=PRECISION)
     out_ptrs = (out_ptr + layer.to(tl.int64) * stride_ol + m0.to(tl.int64) * stride_om + n0.to(tl.int64) * stride_on
@@ -107,7 +123,7 @@ def _reconstruct_kernel(
 
 
 def _dot_scheme(dtype: torch.dtype, out_dtype: torch.dtype) -> int:
-    if not native_dot(dtype):
+    if dtype not in (torch.float16, torch.bfloat16):
         return FP32_DOT
     return NATIVE_DOT if out_dtype in (torch.float16, torch.bfloat16) else SPLIT_DOT
 
@@ -136,6 +152,7 @@ def reconstruct_triton(B_cat: torch.Tensor, A_cat: torch.Tensor, col_scale: torc
         out.stride(0), out.stride(1), out.stride(2),
         DOT=_dot_scheme(A_cat.dtype, out_dtype), A_IS_BF16=A_cat.dtype == torch.bfloat16,
         PRECISION=dot_precision(A_cat.dtype), ALIGNED=aligned16(A_cat, out),
+        UPCAST=A_cat.dtype in (torch.float16, torch.bfloat16) and not native_dot(A_cat.dtype),
     )
     return out
 

@@ -333,7 +333,8 @@ def _outer_kernel(
                     + (offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc))
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        part_ptrs = part_ptr + (slot + r0).to(tl.int64) * stride_pr + c0 + (offs_r[:, None] * stride_pr + offs_c[None, :])
+        part_ptrs = (part_ptr + (slot + r0).to(tl.int64) * stride_pr + c0
+                     + (offs_r[:, None] * stride_pr + offs_c[None, :]))
         tl.store(part_ptrs, acc, mask=mask)
 
 
