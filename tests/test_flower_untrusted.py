@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -16,13 +17,17 @@ import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord  # noqa: E402
 from flwr.app import RecordDict  # noqa: E402
 
+import fedlora.federated.update as update_module  # noqa: E402
+
 from fedlora.simulation.config import SimConfig  # noqa: E402
 from fedlora.federated.update import ClientUpdate  # noqa: E402
 from fedlora.integrations.flower import FlowerSettings, client_app, run_server  # noqa: E402
 from fedlora.integrations.flower.wire import (  # noqa: E402
+    CONTROLS,
     METRICS,
     PROFILE,
     UPDATE,
+    decode_controls,
     decode_profile,
     decode_reply,
     decode_train,
@@ -85,7 +90,8 @@ SPOILED = {
                 "num_examples must be an integer, got float inf"),
     (3, 1001): (lambda r: _metrics(r, {"num-examples": [1.0, 2.0]}), "metrics num-examples must be an integer"),
     (3, 1002): (lambda r: _metrics(r, {"num-examples": math.inf}), "metrics num-examples must be an integer"),
-    (4, 1001): (lambda r: _with_blob(r, _higher_rank(_blob(r))), "differs from the rank 8 the server sent"),
+    (4, 1001): (lambda r: _with_blob(r, _higher_rank(_blob(r))),
+                "rank 16 differs from the rank 8 the server sent this client (refused before reading any tensor)"),
     (4, 1002): (lambda r: _with_blob(r, _with_field(_blob(r), "use_rslora", '"false"')),
                 "use_rslora must be true or false, got str 'false'"),
 }
@@ -156,3 +162,102 @@ def test_guarded_turns_any_exception_into_a_reason():
     assert profile is None and reason.startswith("malformed profile: no ['client-index'")
     good = encode_reply(random_update("c", 2))
     assert guarded(decode_reply, good)[0].client_id == "c"
+
+
+# The tiny random Llama's adapted layers (q_proj 64 x 64, v_proj 32 x 64 in two layers), as the server derives them
+MODEL_SHAPES = {f"model.layers.{i}.self_attn.{p}": s for i in range(2) for p, s in (("q_proj", (64, 64)),
+                                                                                    ("v_proj", (32, 64)))}
+# A node of another (bigger) model: the same layer names, other shapes
+OTHER_MODEL = json.dumps({name: [2 * d_out, 2 * d_in] for name, (d_out, d_in) in MODEL_SHAPES.items()})
+
+
+def _profile_of(node_id, **values):
+    def tamper(msg, reply):
+        if msg.metadata.message_type == MessageType.QUERY and msg.metadata.dst_node_id == node_id:
+            for key, value in values.items():
+                reply.content[PROFILE][key] = value
+        return reply
+    return tamper
+
+
+def test_a_profile_of_another_model_is_left_out_even_when_it_arrives_first(dataset, tmp_path, caplog):
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora", rounds=1))
+    # node 1000 answers first (LocalGrid delivers profiles in node order): it must not define the run's shapes
+    with caplog.at_level("INFO", logger="fedlora.flower"):
+        wrapper = run_server(LocalGrid(client_app(cfg), 3, tamper=_profile_of(1000, **{"module-shapes": OTHER_MODEL})),
+                             cfg, FAST)
+    assert "module shapes from model tiny-random-llama: 4 adapted layers" in caplog.text
+    assert list(wrapper.node_errors) == [1000]
+    assert wrapper.node_errors[1000] == ("its model's adapted modules differ from the run's 4: 4 of other shapes "
+                                         "(e.g. model.layers.0.self_attn.q_proj: [128, 128], the run's [64, 64])")
+    assert wrapper.strategy.module_shapes == MODEL_SHAPES
+    (record,) = wrapper.history
+    assert record["accepted"] == ["user1", "user2"] and record["state_changed"]
+
+
+@pytest.mark.parametrize("server_model, why", [
+    ("only-on-the-nodes", "(ValueError: unknown model spec"),
+    ("not-converted.gguf", "(its config is not at hand without converting the GGUF file first)"),
+])
+def test_without_the_models_config_on_the_server_the_first_profile_defines_the_shapes(
+        server_model, why, dataset, tmp_path, caplog, monkeypatch):
+    """The fall-back (a model only the nodes hold; a GGUF file the server has not converted): said in a log
+    line; the first usable profile decides, here a hostile one."""
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "not-converted.gguf").write_bytes(b"GGUF, never read by the server")
+    node_cfg = SimConfig.from_dict(run_settings(dataset, tmp_path / "node", "flexlora", rounds=1))
+    server_cfg = SimConfig.from_dict(run_settings(dataset, tmp_path / "server", "flexlora", rounds=1,
+                                                  model=str(tmp_path / server_model)))
+    with caplog.at_level("WARNING", logger="fedlora.flower"):
+        wrapper = run_server(LocalGrid(client_app(node_cfg), 3,
+                                       tamper=_profile_of(1000, **{"module-shapes": OTHER_MODEL})), server_cfg, FAST)
+    assert f"cannot derive the adapted module shapes of model {tmp_path / server_model} on the server {why}" \
+        in caplog.text
+    assert "the first usable node profile defines them" in caplog.text
+    assert sorted(wrapper.node_errors) == [1001, 1002]
+    assert all("4 of other shapes (e.g. model.layers.0.self_attn.q_proj: [64, 64], the run's [128, 128])" in reason
+               for reason in wrapper.node_errors.values())
+
+
+def _no_tensor_read(*_):
+    raise AssertionError("a tensor was read before the table was checked against the limits")
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda u: random_update(u.client_id, 16, MODEL_SHAPES),
+     "model.layers.0.self_attn.q_proj: rank 16 differs from the rank 8 the server sent this client"),
+    (lambda u: random_update(u.client_id, 8, {**MODEL_SHAPES, "model.layers.0.self_attn.q_proj": (64, 2**12)}),
+     "model.layers.0.self_attn.q_proj: factors of shapes A [8, 4096], B [64, 8]; the model's layer needs "
+     "A [r, 64] and B [64, r]"),
+    (lambda u: random_update(u.client_id, 8, {**MODEL_SHAPES, "lm_head": (260, 64)}),
+     "the update names module 'lm_head', which the run does not adapt"),
+])
+def test_a_reply_beyond_the_models_shapes_or_the_rank_sent_is_refused_before_any_tensor_is_read(
+        edit, reason, monkeypatch):
+    limits = {name: (d_out, d_in, 8) for name, (d_out, d_in) in MODEL_SHAPES.items()}
+    honest = random_update("c", 8, MODEL_SHAPES)
+    monkeypatch.setattr(update_module, "_load_tensors", _no_tensor_read)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        decode_reply(encode_reply(edit(honest)), limits)
+    monkeypatch.undo()
+    assert decode_reply(encode_reply(honest), limits).modules.keys() == MODEL_SHAPES.keys()
+    # a smaller rank (HetLoRA's self-pruning) is within the bound
+    pruned = random_update("c", 4, MODEL_SHAPES)
+    assert decode_reply(encode_reply(pruned), limits).rank == 4
+
+
+@pytest.mark.parametrize("key, shape, reason", [
+    ("model.layers.0.self_attn.q_proj.control_A", (16, 64), "has shape [16, 64]; expected [r, 64] with 1 <= r <= 8"),
+    ("model.layers.0.self_attn.v_proj.control_B", (64, 8), "has shape [64, 8]; expected [32, r] with 1 <= r <= 8"),
+    ("lm_head.control_A", (8, 64), "module 'lm_head' is not one the run adapts"),
+])
+def test_a_control_variate_beyond_the_models_shapes_is_refused_before_it_is_read(key, shape, reason, monkeypatch):
+    limits = {name: (d_out, d_in, 8) for name, (d_out, d_in) in MODEL_SHAPES.items()}
+    content = RecordDict({CONTROLS: ArrayRecord({key: Array(torch.ones(shape).numpy())})})
+    monkeypatch.setattr(Array, "numpy", _no_tensor_read)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        decode_controls(content, limits)
+    monkeypatch.undo()
+    fine = RecordDict({CONTROLS: ArrayRecord({"model.layers.0.self_attn.v_proj.control_B":
+                                              Array(torch.ones(32, 8).numpy())})})
+    assert decode_controls(fine, limits)["model.layers.0.self_attn.v_proj"][1].shape == (32, 8)

@@ -4,19 +4,26 @@ equals a run without that client's update) and damaged checkpoints (the newest i
 and the run ends where an uninterrupted one ends, or the error names every file). Tiny random Llama."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedlora.data import shakespeare, sharegpt
 from fedlora.federated import ClientUpdate
 from fedlora.simulation import simulate
 from fedlora.simulation.checkpoints import CheckpointError
+from fedlora.simulation.config import SimConfig
+from fedlora.simulation.run import check_same_run, data_fingerprint
 from fedlora.strategies import FLoRA, FlexLoRA
 
 from .fl_helpers import random_update
+from .test_data_sharegpt import write_sharegpt
 from .test_simulation import (TINY, assert_same_state, read_metrics, resume_cfg, synthetic_data, without_wall_time,
                               write_jsonl)
 
@@ -220,3 +227,66 @@ def test_resuming_on_edited_data_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"cannot resume .*: the data file {re.escape(str(data))} is not the "
                                          r"content the run trained on"):
         simulate(dict(cfg, resume=True))
+
+
+def _write_play(path: Path, roles=("ALPHA", "BETA"), word="sea") -> None:
+    """A play in the package's format (an act heading, then speaker headings and speeches): 2 roles x 8 lines."""
+    text = ["ACT I.", "", "SCENE I. A road.", ""]
+    for i in range(8):
+        for role in roles:
+            text += [f"{role}.", f"{role.title()} speaks of the {word} {i}.", ""]
+    path.write_text("\n".join(text), encoding="latin-1")
+
+
+def test_resuming_after_the_builtin_data_package_changed_is_refused_naming_it(tmp_path, monkeypatch):
+    """dataset = "shakespeare": the package's files are the run's data. The same content installed elsewhere
+    resumes; an edited or an added play is refused, naming the package folder and the files."""
+    texts = tmp_path / "site-packages" / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    _write_play(texts / "alpha_gut.txt")
+    _write_play(texts / "beta_gut.txt", ("GAMMA", "DELTA"), "land")
+    monkeypatch.setattr(shakespeare, "texts_dir", lambda: texts)
+    cfg = dict(model=TINY, dataset="shakespeare", min_lines=2, seq_len=32, rounds=3, clients_per_round=2,
+               local_steps=1, rank_levels=[2, 4], eval_every=0, eval_generate_examples=0,
+               output_dir=str(tmp_path / "run"), progress=False)
+    simulate(cfg, stop_after=1)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "round-0001" / "state.json").read_text())
+    assert state["data"] == {"builtin": "shakespeare", "where": str(texts), "sha256": {
+        name: hashlib.sha256((texts / name).read_bytes()).hexdigest() for name in ("alpha_gut.txt", "beta_gut.txt")}}
+
+    elsewhere = shutil.copytree(texts, tmp_path / "other-venv" / "texts")  # the same package, reinstalled
+    monkeypatch.setattr(shakespeare, "texts_dir", lambda: elsewhere)
+    assert len(simulate(dict(cfg, resume=True), stop_after=1).metrics) == 2
+
+    _write_play(elsewhere / "beta_gut.txt", ("GAMMA", "DELTA"), "sky")
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot resume {tmp_path / 'run'}: the built-in dataset 'shakespeare' ({elsewhere}) is not the content "
+            "the run trained on (its package changed): changed beta_gut.txt")):
+        simulate(dict(cfg, resume=True))
+    shutil.copy(texts / "beta_gut.txt", elsewhere / "beta_gut.txt")
+    _write_play(elsewhere / "gamma_gut.txt")
+    with pytest.raises(ValueError, match=re.escape("(its package changed): added gamma_gut.txt")):
+        simulate(dict(cfg, resume=True))
+
+
+def test_the_sharegpt_package_file_is_part_of_the_run_identity(tmp_path, monkeypatch):
+    path = tmp_path / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    write_sharegpt(path)
+    monkeypatch.setattr(sharegpt, "sharegpt_path", lambda: path)
+    cfg = SimConfig.from_dict(dict(model=TINY, dataset="sharegpt", num_clients=4, output_dir=str(tmp_path / "run")))
+    before = data_fingerprint(cfg, None)
+    assert before == {"builtin": "sharegpt", "where": str(tmp_path),
+                      "sha256": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}}
+    state = {"config": cfg.to_dict(), "data": before, "next_round": 1}
+    check_same_run(state, {"config": cfg.to_dict(), "data": data_fingerprint(cfg, None)}, cfg, tmp_path)  # same
+
+    path.write_bytes(path.read_bytes().replace(b"Answer 1.0", b"Answer 9.0"))
+    now = {"config": cfg.to_dict(), "data": data_fingerprint(cfg, None)}
+    with pytest.raises(ValueError, match=re.escape(
+            f"the built-in dataset 'sharegpt' ({tmp_path}) is not the content the run trained on (its package "
+            f"changed): changed {path.name}")):
+        check_same_run(state, now, cfg, tmp_path)
+    # a checkpoint written before built-in data was fingerprinted cannot be checked: refused, saying so
+    with pytest.raises(ValueError, match=re.escape("the checkpoint holds no fingerprint of the built-in dataset "
+                                                   f"'sharegpt' ({tmp_path})")):
+        check_same_run(dict(state, data=None), now, cfg, tmp_path)

@@ -78,6 +78,11 @@ def list_plays(directory: Path | str | None = None) -> dict[str, Path]:
     return plays
 
 
+def source_files(directory: Path | str | None = None) -> dict[str, Path]:
+    """file name -> path of every file the clients are built from (the plays :func:`list_plays` reads)."""
+    return {path.name: path for path in list_plays(directory).values()}
+
+
 def play_titles(directory: Path | str | None = None) -> dict[str, str]:
     """play id -> title, from the package's metadata.txt (ini format)."""
     directory = Path(directory) if directory is not None else texts_dir()

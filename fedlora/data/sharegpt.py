@@ -101,6 +101,12 @@ def sharegpt_path() -> Path:
     return path
 
 
+def source_files() -> dict[str, Path]:
+    """file name -> path of the file the clients are built from: the package's one JSON file."""
+    path = sharegpt_path()
+    return {path.name: path}
+
+
 # ---------------------------------------------------------------- records
 
 def conversation_messages(record) -> list[dict] | str:

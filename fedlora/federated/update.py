@@ -78,13 +78,16 @@ class ClientUpdate:
         return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ClientUpdate:
+    def from_bytes(cls, data: bytes, limits: Mapping[str, tuple[int, int, int]] | None = None) -> ClientUpdate:
         """Parse a blob made by :meth:`to_bytes`; ValueError on anything malformed.
 
         Nothing is converted: a header field of the wrong type (``num_examples`` 3.7, "12" or true,
         ``use_rslora`` "false", a numeric client id) is an error, as is a tensor of a dtype other
         than float16/bfloat16/float32/float64 or a tensor the header does not name; the tensor
         table is checked before any tensor is read.
+        limits: module name -> (d_out, d_in, the largest rank it may carry), e.g. the model's shapes
+            and the ranks the server sent: a module not named there, or a factor of another shape or a
+            larger rank, is refused from the table too, before any tensor is read.
         """
         meta, entries = read_tensor_table(data)
         header = read_header(meta, _HEADER_KEY)
@@ -114,6 +117,9 @@ class ClientUpdate:
                 raise ValueError(f"{key} has dtype {dtype}; an update holds {sorted(UPDATE_DTYPES)}")
             if len(shape) != 2:
                 raise ValueError(f"{key} has shape {shape}; factors are 2-D")
+        if limits is not None:
+            for name in sorted(alphas):
+                _check_factor_shapes(name, entries[name + _A][1], entries[name + _B][1], limits)
         tensors = _load_tensors(data, _HEADER_KEY)
         modules = {n: (tensors[n + _A], tensors[n + _B], alpha) for n, alpha in alphas.items()}
         return cls(client_id=client_id, num_examples=num_examples, rank=rank, modules=modules,
@@ -131,6 +137,21 @@ class ClientUpdate:
 # safetensors' dtype names of the float types an update (or a strategy state) may hold
 UPDATE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _HEADER_FIELDS = {"version", "client_id", "num_examples", "rank", "use_rslora", "alphas", "metrics"}
+
+
+def _check_factor_shapes(name: str, a_shape: list[int], b_shape: list[int],
+                         limits: Mapping[str, tuple[int, int, int]]) -> None:
+    """ValueError unless A [r, d_in] and B [d_out, r] of module ``name`` fit ``limits[name]`` = (d_out, d_in, max r)."""
+    if name not in limits:
+        raise ValueError(f"the update names module {name[:120]!r}, which the run does not adapt")
+    d_out, d_in, max_rank = limits[name]
+    r = a_shape[0]
+    if a_shape[1] != d_in or b_shape != [d_out, r] or not 1 <= r:
+        raise ValueError(f"{name}: factors of shapes A {a_shape}, B {b_shape}; the model's layer needs "
+                         f"A [r, {d_in}] and B [{d_out}, r]")
+    if r > max_rank:
+        raise ValueError(f"{name}: rank {r} differs from the rank {max_rank} the server sent this client "
+                         "(refused before reading any tensor)")
 
 
 def read_tensor_table(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fedlora.data import FederatedData
+from fedlora.data import BUILTIN_SOURCES, FederatedData
 from fedlora.federated.rng import stable_seed
 from fedlora.federated.update import atomic_write
 from fedlora.strategies import Strategy
@@ -52,10 +52,43 @@ class SimulationResult:
 
 
 def data_fingerprint(cfg: SimConfig, data: Federation | None) -> dict | None:
-    """The content of the run's data file, as part of its identity (None: data built in code or given)."""
-    if data is not None or not Path(cfg.dataset).is_file():
+    """The content of the run's data, part of its identity (None: data built in code or given): the sha256
+    of its data file, or of every file a built-in data set (``BUILTIN_SOURCES``) is read from, by file
+    name; where the package is installed is kept for messages, not compared."""
+    if data is not None or not isinstance(cfg.dataset, str):
+        return None
+    if cfg.dataset in BUILTIN_SOURCES:
+        files = BUILTIN_SOURCES[cfg.dataset]()
+        return {"builtin": cfg.dataset, "sha256": {name: fingerprint(path) for name, path in sorted(files.items())},
+                "where": str(next(iter(files.values())).parent) if files else ""}
+    if not Path(cfg.dataset).is_file():
         return None
     return {"file": str(cfg.dataset), "sha256": fingerprint(cfg.dataset)}
+
+
+def data_change(was: dict | None, now: dict | None, cfg: SimConfig) -> str | None:
+    """Why the data a checkpoint's run trained on (``was``) is not the data read now, or None."""
+    def content(record):
+        return {k: v for k, v in record.items() if k != "where"} if isinstance(record, dict) else record
+
+    if content(was) == content(now):
+        return None
+    if now is not None and "builtin" in now:
+        name = f"the built-in dataset {now['builtin']!r} ({now['where']})"
+        if not isinstance(was, dict) or not isinstance(was.get("sha256"), dict):
+            return (f"the checkpoint holds no fingerprint of {name} (it predates fingerprinting built-in data), so "
+                    "it cannot be checked to be the content the run trained on; start afresh (without --resume)")
+        old, new = was["sha256"], now["sha256"]
+        diff = {"changed": sorted(n for n in set(old) & set(new) if old[n] != new[n]),
+                "added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new))}
+        return (f"{name} is not the content the run trained on (its package changed): "
+                + "; ".join(f"{what} {_few(names)}" for what, names in diff.items() if names))
+    return (f"the data file {cfg.dataset} is not the content the run trained on (sha256 "
+            f"{(was or {}).get('sha256', 'none')[:12]}..., now {(now or {}).get('sha256', 'none')[:12]}...)")
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def check_same_run(state: dict, identity: dict, cfg: SimConfig, out: Path) -> None:
@@ -65,11 +98,9 @@ def check_same_run(state: dict, identity: dict, cfg: SimConfig, out: Path) -> No
         diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
         raise InputError(f"config: cannot resume {out}: settings differ from the checkpoint's "
                          f"(name: (checkpoint, now)): {diff}")
-    was, data = state.get("data"), identity["data"]
-    if was != data and (was is not None or data is not None):
-        raise InputError(f"config: cannot resume {out}: the data file {cfg.dataset} is not the content the run "
-                         f"trained on (sha256 {(was or {}).get('sha256', 'none')[:12]}..., now "
-                         f"{(data or {}).get('sha256', 'none')[:12]}...)")
+    problem = data_change(state.get("data"), identity["data"], cfg)
+    if problem is not None:
+        raise InputError(f"config: cannot resume {out}: {problem}")
     if state["next_round"] > cfg.rounds:
         raise InputError(f"config: cannot resume {out}: its checkpoint is at round {state['next_round']}, past "
                          f"rounds = {cfg.rounds}")

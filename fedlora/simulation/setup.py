@@ -57,16 +57,23 @@ def check_inputs(cfg: SimConfig, check_data: bool = True) -> None:
     client rank exceeds a target layer's smaller side."""
     device_of(cfg)
     try:
-        shapes = linear_layer_shapes(cfg.model)
-        if shapes is not None:  # None: a GGUF file not converted yet; checked once it has loaded
-            targets = target_layers(list(shapes), cfg.target_modules)
+        adapted = model_module_shapes(cfg)
     except ValueError as exc:
         raise InputError(f"model {model_label(cfg.model)}: {exc}") from exc
     if check_data:
         check_dataset(cfg)
-    if shapes is not None:
-        check_layer_ranks(cfg, {name: shapes[name] for name in targets},
-                          cfg.client_ranks if cfg.rank_distribution == "list" else cfg.rank_levels)
+    if adapted is not None:  # None: a GGUF file not converted yet; checked once it has loaded
+        check_layer_ranks(cfg, adapted, cfg.client_ranks if cfg.rank_distribution == "list" else cfg.rank_levels)
+
+
+def model_module_shapes(cfg: SimConfig) -> dict[str, tuple[int, int]] | None:
+    """name -> (d_out, d_in) of the layers ``cfg``'s run adapts, from the model's config alone (no weight
+    is read); what a Flower server holds a node's profile to. None when the config is not at hand without
+    converting a GGUF file first; ValueError for a model that cannot load or lacks a target module."""
+    shapes = linear_layer_shapes(cfg.model)
+    if shapes is None:
+        return None
+    return {name: shapes[name] for name in target_layers(list(shapes), cfg.target_modules)}
 
 
 def check_dataset(cfg: SimConfig) -> None:

@@ -6,7 +6,9 @@ server to aggregate factors of different shapes. :class:`FedLoRAStrategy` does
 what ``fedlora simulate`` does per round, over a Flower Grid:
 
 1. learn who the nodes are (a ``query`` message: client id, rank, module
-   shapes), once per node, and build the fedlora strategy from that;
+   shapes), once per node, and build the fedlora strategy from that; a node whose
+   module shapes are not the model's (derived on the server from the model's config,
+   :func:`~fedlora.simulation.setup.model_module_shapes`) is left out with a reason;
 2. sample nodes as simulate samples clients (seeded by round; the same clients
    when every client has a node);
 3. send each node ``strategy.distribute(...)`` at the node's rank (with SCAFFOLD also
@@ -43,7 +45,7 @@ from fedlora.simulation.corrections import control_bytes
 from fedlora.simulation.round import (aggregate_round, base_bytes, factor_bytes, round_record, sample,
                                       sampling_note, served_rank, served_ranks, start_factors, start_ranks,
                                       upload_bytes)
-from fedlora.simulation.setup import make_strategy
+from fedlora.simulation.setup import make_strategy, model_module_shapes
 from fedlora.strategies import Strategy
 
 from .config import FlowerSettings
@@ -77,10 +79,13 @@ class FedLoRAStrategy(FlowerStrategy):
         the local-training ones are the nodes').
     output_dir: where metrics.jsonl and strategy.safetensors are rewritten
         after every round (None: keep them in memory only).
+    module_shapes: name -> (d_out, d_in) of the model's adapted layers, what every profile must
+        name (None: a given strategy's, else the first usable profile's).
     """
 
     def __init__(self, strategy: Strategy | StrategyFactory, cfg: SimConfig | None = None,
-                 settings: FlowerSettings | None = None, *, output_dir: str | Path | None = None):
+                 settings: FlowerSettings | None = None, *, output_dir: str | Path | None = None,
+                 module_shapes: Mapping[str, tuple[int, int]] | None = None):
         self.cfg = cfg if cfg is not None else SimConfig()
         self.settings = settings if settings is not None else FlowerSettings()
         if isinstance(strategy, Strategy):
@@ -90,6 +95,7 @@ class FedLoRAStrategy(FlowerStrategy):
         else:
             raise TypeError(f"strategy must be a fedlora Strategy or a factory, got {type(strategy).__name__}")
         self.output_dir = None if output_dir is None else Path(output_dir)
+        self.model_shapes = None if module_shapes is None else dict(module_shapes)
         self.profiles: dict[int, NodeProfile] = {}  # node id -> profile
         self.node_errors: dict[int, str] = {}  # nodes left out of the run, with the reason
         self._asked: dict[int, tuple[str, float]] = {}  # node id -> (profile query id, when sent): not answered yet
@@ -105,9 +111,25 @@ class FedLoRAStrategy(FlowerStrategy):
     @classmethod
     def from_config(cls, cfg: SimConfig, settings: FlowerSettings | None = None, *,
                     output_dir: str | Path | None = None) -> FedLoRAStrategy:
-        """The strategy ``cfg`` names, built as ``fedlora simulate`` builds it once the nodes' ranks are known."""
+        """The strategy ``cfg`` names, built as ``fedlora simulate`` builds it once the nodes' ranks are known.
+
+        The model's adapted shapes come from its config (no weights); when that cannot be had here (a
+        model only the nodes hold, a GGUF file not converted on this machine), the first usable
+        profile defines them, as a log line says.
+        """
+        try:
+            model_shapes = model_module_shapes(cfg)
+            why = "its config is not at hand without converting the GGUF file first"
+        except Exception as exc:  # noqa: BLE001 (any failure: fall back, the nodes load the model themselves)
+            model_shapes, why = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+        if model_shapes is None:
+            log.warning("cannot derive the adapted module shapes of model %s on the server (%s); the first usable "
+                        "node profile defines them", cfg.model, why)
+        else:
+            log.info("module shapes from model %s: %d adapted layers; a profile must name exactly these",
+                     cfg.model, len(model_shapes))
         return cls(lambda shapes, ranks: make_strategy(cfg, shapes, ranks, "cpu"), cfg, settings,
-                   output_dir=output_dir)
+                   output_dir=output_dir, module_shapes=model_shapes)
 
     # ------------------------------------------------------------- Flower API
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs):
@@ -199,7 +221,9 @@ class FedLoRAStrategy(FlowerStrategy):
                 missing[cid] = f"node {node_id} failed: {error_reason(msg)}"
             else:
                 payload_up += payload_bytes(msg.content)
-                update, reason = guarded(decode_reply, msg.content)
+                # the model's shapes at the ranks sent bound what is read, before any tensor is
+                limits = {n: (*self.strategy.module_shapes[n], r) for n, r in self._served[cid].items()}
+                update, reason = guarded(decode_reply, msg.content, limits)
                 if reason is not None:
                     rejected[cid] = f"malformed reply from node {node_id}: {reason}"
                     continue
@@ -207,7 +231,7 @@ class FedLoRAStrategy(FlowerStrategy):
                     rejected[cid] = f"node {node_id} holds client {cid!r} but sent an update of {update.client_id!r}"
                     continue
                 if self.cfg.scaffold:  # Delta c_k beside the update; its form and shapes are checked below
-                    delta, reason = guarded(decode_controls, msg.content)
+                    delta, reason = guarded(decode_controls, msg.content, limits)
                     if reason is not None:
                         rejected[cid] = f"malformed reply from node {node_id}: {reason}"
                         continue
@@ -322,7 +346,8 @@ class FedLoRAStrategy(FlowerStrategy):
                                f"left out: {self.node_errors}")
         if self.strategy is None:
             ordered = sorted(self.profiles.values(), key=lambda p: p.client_index)
-            self.strategy = self._factory(dict(ordered[0].module_shapes), [p.rank for p in ordered])
+            self.strategy = self._factory(dict(self.model_shapes or ordered[0].module_shapes),
+                                          [p.rank for p in ordered])
             log.info("fedlora %s built for %d nodes, ranks %s", self.strategy.name, len(ordered),
                      [p.rank for p in ordered])
 
@@ -365,10 +390,10 @@ class FedLoRAStrategy(FlowerStrategy):
         log.warning("node %d left out: %s", node_id, console)
 
     def _profile_problem(self, profile: NodeProfile) -> str | None:
-        shapes = self.strategy.module_shapes if self.strategy is not None else next(
+        shapes = self.strategy.module_shapes if self.strategy is not None else self.model_shapes or next(
             (p.module_shapes for p in self.profiles.values()), profile.module_shapes)
         if profile.module_shapes != shapes:
-            return f"its model's adapted modules {profile.module_shapes} differ from the run's {shapes}"
+            return _shapes_differ(profile.module_shapes, shapes)
         for other in self.profiles.values():
             if other.client_id == profile.client_id:
                 return f"client {profile.client_id!r} is already held by node {other.node_id}"
@@ -388,6 +413,17 @@ class FedLoRAStrategy(FlowerStrategy):
         cfg = cfg or self.cfg
         rank = cfg.export_rank or max(p.rank for p in self.profiles.values())
         return export_peft_adapter(self.strategy, Path(path), rank, cfg)
+
+
+def _shapes_differ(theirs: Mapping[str, tuple[int, int]], ours: Mapping[str, tuple[int, int]]) -> str:
+    """Why a profile's adapted modules are not the run's, short (a profile may name 2**16 modules)."""
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    other = sorted(n for n in set(ours) & set(theirs) if tuple(theirs[n]) != tuple(ours[n]))
+    parts = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + (
+        [f"{len(extra)} unexpected (e.g. {extra[0][:120]})"] if extra else []) + (
+        [f"{len(other)} of other shapes (e.g. {other[0]}: {list(theirs[other[0]])}, the run's "
+         f"{list(ours[other[0]])})"] if other else [])
+    return f"its model's adapted modules differ from the run's {len(ours)}: " + "; ".join(parts)
 
 
 def node_summary(strategy: FedLoRAStrategy) -> Mapping[str, object]:

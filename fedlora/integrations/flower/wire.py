@@ -204,15 +204,19 @@ def encode_reply(update: ClientUpdate, controls: Controls | None = None) -> Reco
     return content
 
 
-def decode_reply(content: RecordDict) -> ClientUpdate:
-    """The ClientUpdate a node sent; ValueError naming what is wrong with the reply."""
+def decode_reply(content: RecordDict, limits: Mapping[str, tuple[int, int, int]] | None = None) -> ClientUpdate:
+    """The ClientUpdate a node sent; ValueError naming what is wrong with the reply.
+
+    limits: module -> (d_out, d_in, the rank sent): factors of other shapes or a larger rank are
+    refused from the blob's table, before any tensor is read (:meth:`ClientUpdate.from_bytes`).
+    """
     arrays = _get(content, UPDATE, ArrayRecord)
     if "update" not in arrays:
         raise ValueError(f"the {UPDATE!r} record has no 'update' array (it has {sorted(arrays)})")
     array = arrays["update"]
     if array.stype != UPDATE_STYPE:
         raise ValueError(f"the update array has stype {array.stype!r}, expected {UPDATE_STYPE!r}")
-    update = ClientUpdate.from_bytes(array.data)
+    update = ClientUpdate.from_bytes(array.data, limits)
     metrics = content.metric_records.get(METRICS)
     if metrics is not None and "num-examples" in metrics:
         reported = strict_int(metrics["num-examples"], "metrics num-examples")
@@ -231,11 +235,14 @@ def controls_record(controls: Controls) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def decode_controls(content: RecordDict) -> Controls | None:
+def decode_controls(content: RecordDict, limits: Mapping[str, tuple[int, int, int]] | None = None
+                    ) -> Controls | None:
     """The control variates of a message's ``fedlora.scaffold`` record, or None when it has none.
 
     Strict about the form (an ArrayRecord of ``{module}.control_A|B`` floating-point arrays); the receiver
     checks modules, factors, shapes and values against what it sent (``control_problem``).
+    limits: module -> (d_out, d_in, the rank sent): an array of another shape or a larger rank is
+    refused from its declared shape, before it is deserialized.
     """
     if CONTROLS not in content:
         return None
@@ -246,11 +253,26 @@ def decode_controls(content: RecordDict) -> Controls | None:
         if suffix is None:
             raise ValueError(f"{CONTROLS}: unexpected array {_short(key, 80)!r}; expected MODULE{_CONTROL[0]} "
                              f"or MODULE{_CONTROL[1]}")
+        if limits is not None:
+            _check_control_shape(key[: -len(suffix)], suffix, array, limits)
         tensor = _tensor(array)
         if not tensor.is_floating_point():
             raise ValueError(f"{CONTROLS}: {_short(key, 80)} has dtype {tensor.dtype}; expected floating point")
         found.setdefault(key[: -len(suffix)], [None, None])[_CONTROL.index(suffix)] = tensor
     return {name: (a, b) for name, (a, b) in found.items()}
+
+
+def _check_control_shape(name: str, suffix: str, array: Array, limits: Mapping[str, tuple[int, int, int]]) -> None:
+    if name not in limits:
+        raise ValueError(f"{CONTROLS}: module {_short(name, 80)!r} is not one the run adapts")
+    d_out, d_in, max_rank = limits[name]
+    shape = list(array.shape) if isinstance(array, Array) else None
+    rank = None if shape is None or len(shape) != 2 else shape[0 if suffix == _CONTROL[0] else 1]
+    fits = rank is not None and shape == ([rank, d_in] if suffix == _CONTROL[0] else [d_out, rank])
+    if not fits or not 1 <= rank <= max_rank:
+        want = f"[r, {d_in}]" if suffix == _CONTROL[0] else f"[{d_out}, r]"
+        raise ValueError(f"{CONTROLS}: {_short(name, 80)}{suffix} has shape {shape}; expected {want} with "
+                         f"1 <= r <= {max_rank}, the rank sent")
 
 
 def guarded(decode: Callable[..., T], *args) -> tuple[T | None, str | None]:
