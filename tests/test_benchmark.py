@@ -178,6 +178,11 @@ def test_base_evaluation_is_shared_by_runs_of_the_same_model_data_and_seed(tmp_p
     assert reuse_base_eval(flora0.config) == flex0.run  # another rule, the same model, data and seed
     copied = json.loads((Path(flora0.config.output_dir) / "base_eval.json").read_text())
     assert copied == {"eval_heldout_loss": 3.5, "wall_time_s": 9.0, "shared_from": flex0.run}
+    # The folder holds this run now (its config), so simulate continues it instead of refusing a foreign folder.
+    from fedlora.simulation.outputs import prepare_output_dir
+
+    assert json.loads((Path(flora0.config.output_dir) / "config.json").read_text())["strategy"] == "flora"
+    assert prepare_output_dir(flora0.config) == Path(flora0.config.output_dir)
     assert reuse_base_eval(flora1.config) is None  # another seed: another partition and evaluation set
     assert not (Path(flora1.config.output_dir) / "base_eval.json").exists()
     assert reuse_base_eval(flora0.config) is None  # it has one already

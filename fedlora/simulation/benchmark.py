@@ -197,6 +197,8 @@ def reuse_base_eval(config: SimConfig) -> str | None:
         if all(other.get(key) == want[key] for key in BASE_EVAL_KEYS):
             record = {**json.loads(source.read_text()), "shared_from": folder.name}
             target.parent.mkdir(parents=True, exist_ok=True)
+            # config.json first, as simulate writes it: the folder then holds this (resumable) run.
+            atomic_write(target.parent / "config.json", config.to_json().encode())
             atomic_write(target, json.dumps(record, indent=2).encode())
             return folder.name
     return None
