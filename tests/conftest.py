@@ -5,11 +5,16 @@ be set before triton is imported, hence here. On a GPU machine the kernels are
 compiled for real (set TRITON_INTERPRET=1 yourself to force the interpreter).
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's on-disk cache is keyed by the traced graph, not by a custom op's Python source, so an
+# entry left by an older checkout (/tmp/torchinductor_<user> is shared by every checkout on a machine)
+# can replay a stale op. Each test session compiles into a fresh cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fedlora-inductor-"))
 
 import pytest  # noqa: E402
 
