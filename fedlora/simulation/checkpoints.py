@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedlora.federated.strict import json_object, strict_int, strict_mapping
@@ -81,18 +80,15 @@ class Checkpoints:
             shutil.rmtree(folder)
         (self.root / "latest").unlink(missing_ok=True)
 
-    def save(self, round_number: int, strategy: Strategy, state: dict,
-             files: Mapping[str, bytes] | None = None) -> None:
+    def save(self, round_number: int, strategy: Strategy, state: dict) -> None:
         """The state after round ``round_number`` (counted from 1, as everywhere a user sees rounds): the
-        strategy, the JSON ``state`` and any other ``files`` (name -> bytes, e.g. clients' tensors)."""
+        strategy and the JSON ``state``."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir_beside(self.root, ".tmp-")
         final = self.root / f"round-{round_number:04d}"
         try:
             strategy.save(tmp / "strategy.safetensors")
             atomic_write(tmp / "state.json", json.dumps(state).encode())
-            for name, data in (files or {}).items():
-                atomic_write(tmp / name, data)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -112,9 +108,8 @@ class Checkpoints:
     def exists(self) -> bool:
         return bool(self.rounds()) or (self.root / "latest").exists()
 
-    def load(self, strategy: Strategy, files: Sequence[str] = ()) -> dict | None:
-        """The state of the newest intact round (its strategy loaded into ``strategy``, the bytes of its
-        ``files`` under ``state["files"]``: a round without one of them is not intact); None when the run
+    def load(self, strategy: Strategy) -> dict | None:
+        """The state of the newest intact round (its strategy loaded into ``strategy``); None when the run
         has no checkpoint. CheckpointError when there are checkpoints but none is intact."""
         folders = self.rounds()
         pointer = self.root / "latest"
@@ -129,7 +124,7 @@ class Checkpoints:
             return None
         problems = []
         for folder in reversed(folders):
-            problem = _load_round(folder, strategy, files)
+            problem = _load_round(folder, strategy)
             if isinstance(problem, dict):
                 if problems:
                     log.warning("skipped damaged checkpoint(s): %s; resuming from %s (after round %d)",
@@ -147,9 +142,8 @@ def _pointer_target(pointer: Path) -> str | None:
     return name if _ROUND.fullmatch(name) else None
 
 
-def _load_round(folder: Path, strategy: Strategy, files: Sequence[str] = ()) -> dict | str:
-    """The round's state dict with ``strategy`` loaded (and the bytes of ``files`` under "files"), or why
-    it cannot be resumed (naming the file)."""
+def _load_round(folder: Path, strategy: Strategy) -> dict | str:
+    """The round's state dict with ``strategy`` loaded, or why it cannot be resumed (naming the file)."""
     state_file, strategy_file = folder / "state.json", folder / "strategy.safetensors"
     try:
         state = json_object(state_file.read_bytes(), str(state_file))
@@ -161,9 +155,8 @@ def _load_round(folder: Path, strategy: Strategy, files: Sequence[str] = ()) -> 
             raise ValueError(f"{state_file}: metrics must list {next_round} rounds")
         strict_mapping(state.get("totals"), f"{state_file}: totals")
         strict_mapping(state.get("config"), f"{state_file}: config")
-        state["files"] = {name: (folder / name).read_bytes() for name in files}
     except OSError as exc:
-        return f"{exc.filename or state_file}: {exc.strerror or exc}"
+        return f"{state_file}: {exc.strerror or exc}"
     except ValueError as exc:
         return str(exc)
     try:

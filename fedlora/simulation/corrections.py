@@ -25,17 +25,14 @@ batched step, exactly as if it trained alone (``mode = "sequential"``).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import torch
-from safetensors.torch import save as st_save
 
 from fedlora.bank import AdapterBank
-from fedlora.federated.update import FORMAT_VERSION, read_blob
 from fedlora.strategies.scaffold import Controls
 
-_KEY = "fedlora.client_controls"
+from .personal import PersonalStore
 
 
 class GradientCorrections:
@@ -126,25 +123,14 @@ def control_bytes(controls: Controls | None) -> int:
     return sum(t.numel() * t.element_size() for pair in controls.values() for t in pair if t is not None)
 
 
-def controls_to_bytes(controls: Mapping[str, Controls]) -> bytes:
-    """Every client's c_k as one safetensors blob (tensors t0, t1, ...; which is which in its header)."""
-    tensors, index = {}, []
-    for cid, per_module in controls.items():
-        for name, pair in per_module.items():
-            for key, t in zip("AB", pair):
-                if t is not None:
-                    tensors[f"t{len(index)}"] = t.detach().cpu().contiguous()
-                    index.append([cid, name, key])
-    return st_save(tensors, metadata={_KEY: json.dumps({"version": FORMAT_VERSION, "index": index})})
+
+def load_controls(store: PersonalStore, client_id: str, round_idx: int) -> Controls | None:
+    """Client ``client_id``'s c_k as it starts round ``round_idx`` (None: it has none yet)."""
+    stored = store.load(client_id, round_idx)
+    return None if stored is None else {name: (f.get("A"), f.get("B")) for name, f in stored.items()}
 
 
-def controls_from_bytes(data: bytes) -> dict[str, Controls]:
-    """The inverse of :func:`controls_to_bytes`; ValueError if the blob is malformed."""
-    header, tensors = read_blob(data, _KEY)
-    out: dict[str, dict[str, list]] = {}
-    try:
-        for i, (cid, name, key) in enumerate(header["index"]):
-            out.setdefault(str(cid), {}).setdefault(str(name), [None, None])["AB".index(key)] = tensors[f"t{i}"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{_KEY}: malformed index: {type(exc).__name__}: {exc}") from None
-    return {cid: {name: (a, b) for name, (a, b) in mods.items()} for cid, mods in out.items()}
+def save_controls(store: PersonalStore, client_id: str, round_idx: int, controls: Controls) -> None:
+    """Keep the client's c_k^+ after round ``round_idx`` (on disk, per client and round)."""
+    store.save(client_id, round_idx, {name: {f: t for f, t in zip("AB", pair) if t is not None}
+                                      for name, pair in controls.items()})

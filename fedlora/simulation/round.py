@@ -29,7 +29,8 @@ from fedlora.strategies import AggregationResult, Strategy
 from fedlora.strategies.base import merge_parts
 
 from .config import SimConfig
-from .corrections import Controls, add, control_bytes, control_delta, control_shift, fit
+from .corrections import (Controls, add, control_bytes, control_delta, control_shift, fit, load_controls,
+                          save_controls)
 from .personal import PersonalStore, keep_personal, with_personal, withhold
 from .setup import lora_alpha
 from .trainer import ExampleStream, FederatedModel, LocalPlan, train_clients
@@ -235,20 +236,23 @@ def aggregate_round(cfg: SimConfig, strategy: Strategy, round_idx: int, updates:
 def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Strategy,
               sampled: Sequence[ClientDataset], rank_of: Mapping[str, int], pad_id: int,
               update_hook: UpdateHook | None = None, progress: Callable[[int], None] | None = None,
-              client_state: dict[str, dict] | None = None, client_controls: dict[str, Controls] | None = None,
+              client_state: dict[str, dict] | None = None, control_store: PersonalStore | None = None,
               personal_store: PersonalStore | None = None) -> dict:
     """Train ``sampled`` clients of the round in one batched pass, aggregate, return the round record.
 
     client_state: each client's own memory across rounds (client id -> JSON-able dict), read and
     updated by the rule's client-side hooks; the caller keeps it (and checkpoints it).
     The record's ``self_pruned`` (when any) maps a client to the smaller rank it uploaded and trains at from now on.
-    client_controls: with ``cfg.scaffold``, each client's own c_k (client id -> Controls), updated
-    here for every client that trained, as the client itself would; N is ``len(rank_of)``.
+    control_store: with ``cfg.scaffold``, where each client keeps its own c_k (per client and round, on
+    disk), read and written here for every client that trains, as the client itself would; N is
+    ``len(rank_of)``.
     personal_store: where clients keep the rule's personal factors across rounds (``strategy.personal``).
     """
     client_state = {} if client_state is None else client_state
-    client_controls = {} if client_controls is None else client_controls
+    if cfg.scaffold and control_store is None:
+        raise ValueError("scaffold: the clients need a control_store for their own c_k")
     ids = [c.client_id for c in sampled]
+    own = {cid: load_controls(control_store, cid, round_idx) for cid in ids} if cfg.scaffold else {}
     ranks = [rank_of[c] for c in ids]
     starts = [with_personal(start_factors(cfg, strategy, cid, r), cid, round_idx, strategy.personal, personal_store,
                             strategy.module_shapes) for cid, r in zip(ids, ranks)]
@@ -260,7 +264,7 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     # SCAFFOLD: c on the factors the round's clients send back, at each client's ranks
     sent = [strategy.server_controls(start_ranks(s), strategy.uploaded_at(round_idx)) for s in starts] \
         if cfg.scaffold else None
-    shifts = None if sent is None else [control_shift_of(c, client_controls.get(cid), s)
+    shifts = None if sent is None else [control_shift_of(c, own[cid], s)
                                         for c, cid, s in zip(sent, ids, starts)]
     plan = local_plan(cfg, sampled, train_A="A" in trainable, train_B="B" in trainable, rule=strategy,
                       ranks=[served_rank(f) for f in starts], controls=shifts)
@@ -274,8 +278,9 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     for k, client in enumerate(sampled):
         if sent is not None:  # the client's own SCAFFOLD step: it keeps c_k^+ and sends Delta c_k
             trained = fm.client_factors(k, {n: f[2] for n, f in starts[k].items()})
-            deltas[client.client_id], client_controls[client.client_id] = control_step(
-                sent[k], client_controls.get(client.client_id), starts[k], trained, plan.lr_sum(k))
+            deltas[client.client_id], kept = control_step(sent[k], own[client.client_id], starts[k], trained,
+                                                          plan.lr_sum(k))
+            save_controls(control_store, client.client_id, round_idx, kept)
         update = trained_update(cfg, fm, k, client, starts[k], losses[k], strategy,
                                 client_state.setdefault(client.client_id, {}))
         update = outgoing_update(update, round_idx, strategy.personal, uploaded, personal_store)

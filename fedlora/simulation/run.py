@@ -27,7 +27,6 @@ from fedlora.strategies import Strategy
 from . import reporting
 from .checkpoints import Checkpoints, fingerprint, run_defining
 from .config import InputError, SimConfig
-from .corrections import Controls, controls_from_bytes, controls_to_bytes
 from .evaluation import evaluate_global, evaluate_model, evaluate_personal, evaluation_size
 from .export import export_peft_adapter
 from .outputs import prepare_output_dir
@@ -36,7 +35,6 @@ from .round import UpdateHook, local_steps, num_sampled, run_round, sample, samp
 from .setup import Federation, make_strategy, model_label, setup_run
 
 BASE_EVAL_FILE = "base_eval.json"  # the base model's metrics: round 0 of every curve
-CONTROLS_FILE = "client_controls.safetensors"  # SCAFFOLD's c_k of every client, in each checkpoint
 
 
 @dataclass
@@ -143,20 +141,19 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     metrics: list[dict] = []
     totals = {"bytes_up": 0, "bytes_down": 0, "bytes_down_global": 0}
     client_state: dict[str, dict] = {}  # each client's own memory across rounds (the rule's client-side hooks)
-    client_controls: dict[str, Controls] = {}  # SCAFFOLD: each client's own control variate c_k
+    # SCAFFOLD: each client's own control variate c_k, on disk per client and round (as personal factors)
+    control_store = PersonalStore(out / "controls") if cfg.scaffold else None
     # the factors each client keeps to itself across rounds (strategy.personal: FedSA-LoRA's B), on disk
     personal_store = PersonalStore(out / "clients") if strategy.personal else None
     start_round = 0
     if cfg.resume:
-        state = checkpoints.load(strategy, files=[CONTROLS_FILE] if cfg.scaffold else [])
+        state = checkpoints.load(strategy)
         if state is None:
             reporting.note(f"nothing to resume in {out} (no checkpoint): starting at round 1")
         else:
             check_same_run(state, identity, cfg, out)
             start_round, metrics, totals = state["next_round"], state["metrics"], {**totals, **state["totals"]}
             client_state = state.get("client_state", {})
-            if cfg.scaffold:
-                client_controls = controls_from_bytes(state["files"][CONTROLS_FILE])
             rank_of.update(state.get("client_ranks", {}))
             if start_round >= cfg.rounds:
                 reporting.note(f"nothing to resume: {out} has finished its {start_round} rounds (give --rounds N "
@@ -209,7 +206,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
                                        total=sum(local_steps(cfg, c.num_examples) for c in sampled))
         try:
             record = run_round(cfg, round_idx, fm, strategy, sampled, rank_of, pad_id, update_hook,
-                               progress=steps_bar.update, client_state=client_state, client_controls=client_controls,
+                               progress=steps_bar.update, client_state=client_state, control_store=control_store,
                                personal_store=personal_store)
         finally:
             steps_bar.close()
@@ -230,8 +227,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         metrics.append(record)
         reporting.write_metrics(out / "metrics.jsonl", metrics)
         checkpoints.save(number, strategy, {"next_round": number, "metrics": metrics, "totals": totals,
-                                            **identity, "client_state": client_state, "client_ranks": rank_of},
-                         {CONTROLS_FILE: controls_to_bytes(client_controls)} if cfg.scaffold else None)
+                                            **identity, "client_state": client_state, "client_ranks": rank_of})
         reporting.summary(record, cfg.rounds)
         done_now += 1
         if stop_after is not None and done_now >= stop_after and number < cfg.rounds:
