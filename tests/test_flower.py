@@ -392,6 +392,7 @@ def test_cli_flower_commands_and_connection(tmp_path, monkeypatch, capsys):
     for k in range(3):
         assert f"--node-config 'partition-id={k} num-partitions=3'" in out
     assert "export FLWR_TELEMETRY_ENABLED=0" in out and "flwr run examples/flower fedlora --stream" in out
+    assert "follow the run with `flwr log RUN_ID fedlora`, list runs with `flwr ls fedlora`" in out
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     assert main(["flower", "connection", "remote", "--address", "10.1.2.3:9093"]) == 2  # no TLS, not insecure
@@ -441,3 +442,19 @@ def test_flora_global_parts_travel_as_stacks_until_they_outgrow_dense():
     rebuilt, want = merge_parts(task.global_parts), flora.global_deltas()
     for name in shapes:
         assert torch.equal(rebuilt[name], want[name]) and want[name].abs().max() > 0
+
+
+def test_the_server_refuses_an_output_dir_holding_another_run(dataset, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"strategy": "flora", "rounds": 5}))
+    cfg = SimConfig.from_dict(run_settings(dataset, tmp_path, "flexlora"))
+
+    class Untouched(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            raise AssertionError("the run started")
+
+    with pytest.raises(ValueError, match=r"already holds a flora run \(0 of 5 rounds done\); use another output-dir, "
+                                         r"or overwrite=true"):
+        run_server(Untouched(client_app(cfg), 3), cfg, FAST)
+    with pytest.raises(ValueError, match="resume is not available here"):
+        run_server(Untouched(client_app(cfg), 3), SimConfig.from_dict(dict(run_settings(dataset, tmp_path / "new"),
+                                                                          resume=True)), FAST)

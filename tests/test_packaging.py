@@ -31,3 +31,10 @@ def test_kernels_import_as_fedlora_kernels_only(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "fedlora.kernels.segmented"
+
+
+def test_license_is_an_spdx_expression():
+    """A string, not the deprecated {text = ...} table (setuptools >= 77 warns on every install about that)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["project"]["license"] == "Apache-2.0"
+    assert any(req.replace(" ", "").startswith("setuptools>=77") for req in config["build-system"]["requires"])

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from fedlora.federated.update import atomic_write
+
+
+def bars_shown(enabled: bool) -> bool:
+    """Whether progress bars show: asked for, and the output is a terminal (logs and pipes get lines only)."""
+    return enabled and sys.stderr.isatty()
 
 
 def progress(iterable=None, enabled: bool = True, **kwargs):
@@ -76,7 +82,16 @@ def _series(metrics: list[dict], base: dict | None, key: str, transform=None) ->
 
 
 def plot(metrics: list[dict], path: Path, base: dict | None = None, title: str = "") -> None:
-    """Loss, perplexity (and Rouge-L when measured) against the round, as a PNG.
+    """:func:`metrics_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(metrics, base, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def metrics_figure(metrics: list[dict], base: dict | None = None, title: str = ""):
+    """Loss, perplexity (and Rouge-L when measured) against the round.
 
     Round 0 is the base model (``base``, when evaluated); the training loss is
     the sampled clients' mean during each round. One panel per measure, integer
@@ -131,5 +146,4 @@ def plot(metrics: list[dict], path: Path, base: dict | None = None, title: str =
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -22,6 +22,7 @@ from fedlora.models.loading import linear_layer_shapes
 from fedlora.strategies import Strategy, registry
 
 from .config import InputError, SimConfig
+from .reporting import bars_shown
 from .trainer import FederatedModel, target_layers
 
 Federation = FederatedData | LazyFederation  # what a run trains on: num_train_clients, train_client(i), eval_sets
@@ -209,6 +210,10 @@ def setup_run(cfg: SimConfig, data: Federation | None = None) -> RunSetup:
     the model loads where they can be seen without it.
     """
     check_inputs(cfg, check_data=data is None)
+    if not bars_shown(cfg.progress):  # transformers' own bars (loading weights) follow the run's setting
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     try:

@@ -90,5 +90,7 @@ def deployment_commands(app: str, superlink_host: str, *, nodes: int, fleet_port
     tls = ["--insecure"] if insecure else ["--root-certificates", f"{certificates}/ca.crt"]
     out += ["", "# where you run flwr: register the SuperLink once, then start the run",
             " ".join(["fedlora", "flower", "connection", connection, "--address", address, *tls]),
-            " ".join(["flwr", "run", q(app), connection, "--stream"])]
+            " ".join(["flwr", "run", q(app), connection, "--stream"]),
+            f"# without --stream flwr run returns at once: follow the run with `flwr log RUN_ID {connection}`, "
+            f"list runs with `flwr ls {connection}`"]
     return out
