@@ -22,7 +22,8 @@ without a d_out x d_in matrix; a factored SVD (``lowrank_svd(method="factored")`
 of the stack and an SVD of its core) then drops the directions whose singular values are
 at the SVD's own rounding level (<= K eps S_max, a backward-stable SVD's error; all of
 them when the residual is exactly zero, e.g. every client kept one A), and the
-compressed factors are kept when they have fewer rows. The residuals
+compressed factors are kept when they have fewer rows (skipped where the residual goes
+dense anyway). The residuals
 accumulate (the clients' frozen base is the base plus every past residual) as parts
 dense + B A (:mod:`fedlora.strategies.parts`): stacked factors while they hold fewer
 numbers than a dense matrix, dense beyond. ``client_base()`` hands those parts to every
@@ -90,12 +91,17 @@ class FedExLoRA(TruncatedFactors):
 
     def _compress(self, stacks):
         """Each module's residual stack (A [K, d_in], B [d_out, K]) as its factored SVD without the
-        rounding-level directions, where that has fewer rows (one batched lowrank_svd per shape)."""
+        rounding-level directions, where that has fewer rows (one batched lowrank_svd per shape).
+
+        Only where the accumulated residual would stay factors with the whole stack added: beyond
+        that it is added into the dense part anyway, and the SVD (O((d_out + d_in) K^2 + K^3))
+        would cost more than it could save."""
         out = dict(stacks)
         groups: dict[tuple[int, int], list[str]] = {}
         for name, (A, _) in stacks.items():
             d_out, d_in = self.module_shapes[name]
-            if 0 < A.shape[0] < min(d_out, d_in):  # the factored SVD's domain; beyond it the stack goes dense
+            rows = self._tensors[f"{name}.{_RES}A"].shape[0] + A.shape[0]
+            if A.shape[0] > 0 and rows * (d_out + d_in) <= d_out * d_in:  # then also K < min(d_out, d_in)
                 groups.setdefault((d_out, d_in), []).append(name)
         for names in groups.values():
             banks = [AdapterBank(stacks[n][0], stacks[n][1], [stacks[n][0].shape[0]], 1.0) for n in names]
