@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -85,7 +86,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     import logging
 
     from fedlora.simulation.benchmark import Grid, run_grid
-    from fedlora.simulation.benchmark_report import REPORT_FILES, write_report
+    from fedlora.simulation.benchmark_report import FAILED_FILE, REPORT_FILES, write_report
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -98,13 +99,19 @@ def _benchmark(args: argparse.Namespace) -> int:
             if args.no_progress:
                 grid.progress = False
             print(f"benchmark: {len(grid.cells())} cells ({len(grid.runs())} runs) into {grid.output_dir}", flush=True)
-            run_grid(grid)  # writes the report when every cell has finished
+            run_grid(grid)  # writes the report when every cell has finished or cannot run
             paths = {k: grid.output_dir / name for k, name in REPORT_FILES.items()}
             paths = {k: path for k, path in paths.items() if path.is_file()}
     except (ValueError, OSError) as exc:
         print(f"fedlora benchmark: {exc}", file=sys.stderr)
         return 2
-    print("report: " + ", ".join(str(p) for p in paths.values()))
+    print("report: " + (", ".join(str(p) for p in paths.values()) or "none yet (no finished cell)"))
+    if args.report is None:
+        failed = json.loads((grid.output_dir / FAILED_FILE).read_text())
+        if failed:
+            print(f"fedlora benchmark: {len(failed)} cell(s) could not run (results.md lists why): "
+                  + ", ".join(failed), file=sys.stderr)
+            return 1
     return 0
 
 

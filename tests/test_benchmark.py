@@ -188,6 +188,29 @@ def test_base_evaluation_is_shared_by_runs_of_the_same_model_data_and_seed(tmp_p
     assert reuse_base_eval(flora0.config) is None  # it has one already
 
 
+def test_a_cell_that_cannot_run_is_listed_and_the_grid_goes_on(tmp_path, capsys):
+    from fedlora.cli import main
+
+    from .test_data_sharegpt import write_sharegpt
+
+    data = tmp_path / "conversations.json"
+    write_sharegpt(data)
+    toml = tmp_path / "grid.toml"
+    # FedEx-LoRA needs one rank for every client: under uniform ranks 2 / 4 its cell cannot run.
+    toml.write_text(GRID_TOML.format(data=data, out=tmp_path / "bench")
+                    .replace('strategy = ["flexlora", "bucket"]', 'strategy = ["fedexlora", "flexlora"]')
+                    .replace("rounds = 2", "rounds = 1"))
+    assert main(["benchmark", "--config", str(toml), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "1 cell(s) could not run" in err and "strategy-fedexlora" in err
+    failed = json.loads((tmp_path / "bench" / "failed.json").read_text())
+    assert list(failed) == ["strategy-fedexlora"] and "one rank" in failed["strategy-fedexlora"]
+    rows = list(csv.DictReader((tmp_path / "bench" / "results.csv").open()))
+    assert [r["rule"] for r in rows] == ["flexlora"]  # the other cell ran and is reported
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert "## Cells that could not run" in md and "`strategy-fedexlora`" in md
+
+
 def test_spectrum_modules_are_the_first_middle_and_last_layers():
     from fedlora.simulation.evaluation import spectrum_modules
 

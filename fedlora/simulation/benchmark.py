@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any
 
 from fedlora.federated.update import atomic_write
 
-from .benchmark_report import CELL_FILE, DEFAULT_METRIC, GRID_FILE, write_report
-from .config import SimConfig, tomllib
+from .benchmark_report import CELL_FILE, DEFAULT_METRIC, FAILED_FILE, GRID_FILE, write_report
+from .config import InputError, SimConfig, tomllib
 from .run import BASE_EVAL_FILE, simulate
 
 # Baselines as the settings they stand for (on top of the cell's other values).
@@ -221,7 +222,9 @@ def run_cells(cells: list[Cell]) -> dict:
 def run_grid(grid: Grid, *, stop_after_runs: int | None = None) -> list[str]:
     """Run every unfinished cell in grid order, then write the report. Returns the runs done now.
 
-    ``stop_after_runs``: stop after that many runs (how tests kill a grid between cells).
+    A cell whose settings cannot run (an InputError: e.g. a rule that needs one rank under
+    mixed ranks) is listed with its reason in failed.json and the grid goes on; a rerun
+    tries it again. ``stop_after_runs``: stop after that many runs (how tests kill a grid).
     """
     grid.output_dir.mkdir(parents=True, exist_ok=True)
     runs = grid.runs()
@@ -230,21 +233,28 @@ def run_grid(grid: Grid, *, stop_after_runs: int | None = None) -> list[str]:
         "cells": [c.name for c in grid.cells()]}, indent=2).encode())
     todo = [name for name, cells in runs.items() if not run_done(cells)]
     done_now: list[str] = []
+    failed: dict[str, str] = {}
     bar = _bar(len(runs), len(runs) - len(todo), grid.progress)
     for name in todo:
-        if stop_after_runs is not None and len(done_now) >= stop_after_runs:
+        if stop_after_runs is not None and len(done_now) + len(failed) >= stop_after_runs:
             break
         if bar is not None:
             bar.set_postfix_str(name)
         else:
-            print(f"cell {len(runs) - len(todo) + len(done_now) + 1}/{len(runs)}: {name}", flush=True)
-        run_cells(runs[name])
-        done_now.append(name)
+            print(f"cell {len(runs) - len(todo) + len(done_now) + len(failed) + 1}/{len(runs)}: {name}", flush=True)
+        try:
+            run_cells(runs[name])
+        except InputError as exc:
+            failed[name] = str(exc)
+            print(f"cell {name} cannot run: {exc}", file=sys.stderr, flush=True)
+        else:
+            done_now.append(name)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    if len(done_now) == len(todo):
+    atomic_write(grid.output_dir / FAILED_FILE, json.dumps(failed, indent=2).encode())
+    if len(done_now) + len(failed) == len(todo) and any(run_done(cells) for cells in runs.values()):
         write_report(grid.output_dir, metric=grid.metric)
     return done_now
 

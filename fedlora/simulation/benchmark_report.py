@@ -28,6 +28,7 @@ from .run import BASE_EVAL_FILE
 
 CELL_FILE = "cell.json"  # written last by a finished run of the grid
 GRID_FILE = "grid.json"  # the grid's settings and its cells in order
+FAILED_FILE = "failed.json"  # run -> why its settings could not run, from the grid's last pass
 DEFAULT_METRIC = "eval_heldout_ppl"
 REPORT_FILES = {"csv": "results.csv", "md": "results.md", "curves": "curves.png", "bars": "bars.png",
                 "spectrum": "spectrum.png"}  # the last only when the cells logged spectra (log_spectrum)
@@ -362,7 +363,11 @@ def write_report(output_dir: str | Path, metric: str | None = None) -> dict[str,
     writer.writerows(rows)
     paths = {key: root / name for key, name in REPORT_FILES.items()}
     atomic_write(paths["csv"], buf.getvalue().encode())
-    atomic_write(paths["md"], markdown(cells, metric).encode())
+    text = markdown(cells, metric)
+    failed = _read_json(root / FAILED_FILE, "failure record") if (root / FAILED_FILE).is_file() else {}
+    if failed:
+        text += "\n## Cells that could not run\n\n" + "".join(f"- `{name}`: {why}\n" for name, why in failed.items())
+    atomic_write(paths["md"], text.encode())
     _curves(cells, metric, paths["curves"])
     _bars(cells, metric, paths["bars"])
     if not spectrum_plot(cells, _ordered, paths["spectrum"]):
