@@ -139,24 +139,27 @@ def randomized_svd_dense(M: torch.Tensor, k: int, oversample: int, n_iter: int,
 
 # ------------------------------------------------------------------ block Krylov
 class FactoredOperator:
-    """M = B @ A for B [G, m, R] (column scales already folded in) and A [G, R, n].
+    """M_g = B_g diag(d_g) A_g for per-layer B_g [m, R], d_g [R], A_g [R, n] (one R for all).
 
-    Products cost 2 (m + n) R flops per column; the m x n matrix is never formed.
+    Products cost 2 (m + n) R flops per column; neither the m x n matrix nor a scaled
+    or stacked copy of the factors is made (the scaling acts on the R x b intermediate,
+    and the layers are looped: their factors may be views of the caller's tensors).
     """
 
-    def __init__(self, B: torch.Tensor, A: torch.Tensor):
-        self.B, self.A = B, A
-        self.shape = (B.shape[0], B.shape[1], A.shape[2])
-        self.dtype, self.device = B.dtype, B.device
+    def __init__(self, Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[torch.Tensor]):
+        self.Bs, self.As, self.scales = Bs, As, [d.unsqueeze(-1) for d in scales]
+        self.shape = (len(Bs), Bs[0].shape[0], As[0].shape[1])
+        self.dtype, self.device = Bs[0].dtype, Bs[0].device
 
     def matmul(self, X: torch.Tensor) -> torch.Tensor:
-        return self.B @ (self.A @ X)
+        return torch.stack([B @ (d * (A @ x)) for B, A, d, x in zip(self.Bs, self.As, self.scales, X)])
 
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
-        return self.A.transpose(-2, -1) @ (self.B.transpose(-2, -1) @ Y)
+        return torch.stack([A.t() @ (d * (B.t() @ y)) for B, A, d, y in zip(self.Bs, self.As, self.scales, Y)])
 
-    def select(self, idx: torch.Tensor) -> FactoredOperator:
-        return FactoredOperator(self.B[idx], self.A[idx])
+    def select(self, idx: list[int]) -> FactoredOperator:
+        return FactoredOperator([self.Bs[i] for i in idx], [self.As[i] for i in idx],
+                                [self.scales[i].squeeze(-1) for i in idx])
 
 
 class DenseOperator:
@@ -173,7 +176,7 @@ class DenseOperator:
     def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
         return self.M.transpose(-2, -1) @ Y
 
-    def select(self, idx: torch.Tensor) -> DenseOperator:
+    def select(self, idx: list[int]) -> DenseOperator:
         return DenseOperator(self.M[idx])
 
 
@@ -203,27 +206,29 @@ class KrylovResult:
     estimates: list[float]   # the error estimate there (inf when never checked)
 
 
-def _extend_basis(basis: torch.Tensor | None, X: torch.Tensor):
-    """(N, C, L) with X = basis C + N L, N orthonormal and orthogonal to basis.
+def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor):
+    """(N, C, L) with X = basis C + N L, N orthonormal and orthogonal to the basis.
 
-    Classical Gram-Schmidt, then a QR, then a second pass on the *normalised* block:
-    when X lies (nearly) in span(basis) the first QR amplifies rounding noise to unit
-    columns, and only the second pass makes those orthogonal to the basis again.
+    ``basis_rows`` [G, d, len] holds the orthonormal basis as rows. Classical
+    Gram-Schmidt, then a QR, then a second pass on the *normalised* block: when X lies
+    (nearly) in the basis' span the first QR amplifies rounding noise to unit columns,
+    and only the second pass makes those orthogonal to the basis again.
     """
-    if basis is None:
+    if basis_rows is None:
         N, L = torch.linalg.qr(X)
         return N, None, L
-    Bt = basis.transpose(-2, -1)
-    C = Bt @ X
+    basis = basis_rows.transpose(-2, -1)
+    C = basis_rows @ X
     N, L = torch.linalg.qr(X - basis @ C)
-    C2 = Bt @ N
+    C2 = basis_rows @ N
     N, L2 = torch.linalg.qr(N - basis @ C2)
     return N, C + C2 @ L, L2 @ L
 
 
-# Per block step, ~20 small torch calls (QRs of b columns, slices, the bookkeeping):
-# ~0.2 ms on the 2-core dev CPU, i.e. ~2e7 GEMM flops. It decides the small layers.
-KRYLOV_STEP_OVERHEAD_FLOPS = 2e7
+# Per block step, ~30 small torch calls (QRs of b columns, slices, the bookkeeping):
+# ~0.5 ms of CPU time on the 2-core dev CPU (measured at 256^2, b = 8..32), i.e. ~5e7
+# GEMM flops. It decides the small layers, where LAPACK's SVD takes a few ms.
+KRYLOV_STEP_OVERHEAD_FLOPS = 5e7
 
 
 def krylov_flops(m: int, n: int, dim: int, column_flops: float, block: int) -> float:
@@ -289,19 +294,22 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
     active = list(range(G))
 
     omega = torch.stack([torch.randn((n, b), generator=g, device=device, dtype=dtype) for g in generators])
-    # Every entry of Q, P and Bm[:d, :d] is written before it is read (Y steps fill the
-    # column blocks above the diagonal, X steps the row blocks up to it): no zero-fill.
-    Q = torch.empty(G, m, d_cap, dtype=dtype, device=device)
-    P = torch.empty(G, n, d_cap, dtype=dtype, device=device)
+    # The bases are stored as rows (Qt [G, d, m], Pt [G, d, n]): a new block is one
+    # contiguous write, and the basis so far a contiguous prefix. Every entry of Qt, Pt
+    # and Bm[:d, :d] is written before it is read (Y steps fill the column blocks above
+    # the diagonal, X steps the row blocks up to it): no zero-fill.
+    Qt = torch.empty(G, d_cap, m, dtype=dtype, device=device)
+    Pt = torch.empty(G, d_cap, n, dtype=dtype, device=device)
     Bm = torch.empty(G, d_cap, d_cap, dtype=torch.float64, device=device)
-    P[:, :, :b] = torch.linalg.qr(omega)[0]
-    Qb, _, R = _extend_basis(None, op.matmul(P[:, :, :b]))
-    Q[:, :, :b] = Qb
+    P0 = torch.linalg.qr(omega)[0]
+    Pt[:, :b] = P0.transpose(-2, -1)
+    Qb, _, R = _extend_basis(None, op.matmul(P0))
+    Qt[:, :b] = Qb.transpose(-2, -1)
     Bm[:, :b, :b] = R.double()
     d, next_check = b, d_need
     while active:
-        X = op.rmatmul(Q[:, :, d - b:d])
-        Pn, C, L = _extend_basis(P[:, :, :d], X)
+        X = op.rmatmul(Qt[:, d - b:d].transpose(-2, -1))
+        Pn, C, L = _extend_basis(Pt[:, :d], X)
         Bm[:, d - b:d, :d] = C.transpose(-2, -1).double()
         last = d + b > d_cap
         if d >= next_check or last:
@@ -312,20 +320,20 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
                 dims[g], estimates[g] = d, history[g][-1][1] if history[g] else math.inf
                 if theta is not None:
                     converged[g] = True
-                    U_out[g], S_out[g], V_out[g] = _ritz(Q[j, :, :d], P[j, :, :d], Bm[j, :d, :d], theta, Ut, k)
+                    U_out[g], S_out[g], V_out[g] = _ritz(Qt[j, :d], Pt[j, :d], Bm[j, :d, :d], theta, Ut, k)
             if done:
                 if not keep:
                     break
-                idx = torch.tensor(keep, device=device)
                 active = [active[j] for j in keep]
-                op, Q, P, Bm, Pn = op.select(idx), Q[idx], P[idx], Bm[idx], Pn[idx]
+                idx = torch.tensor(keep, device=device)
+                op, Qt, Pt, Bm, Pn = op.select(keep), Qt[idx], Pt[idx], Bm[idx], Pn[idx]
         if last:
             break
-        P[:, :, d:d + b] = Pn
-        Qn, C, R = _extend_basis(Q[:, :, :d], op.matmul(Pn))
+        Pt[:, d:d + b] = Pn.transpose(-2, -1)
+        Qn, C, R = _extend_basis(Qt[:, :d], op.matmul(Pn))
         Bm[:, :d, d:d + b] = C.double()
         Bm[:, d:d + b, d:d + b] = R.double()
-        Q[:, :, d:d + b] = Qn
+        Qt[:, d:d + b] = Qn.transpose(-2, -1)
         d += b
     return KrylovResult(*fix_signs(U_out, S_out, V_out), converged, dims, estimates)
 
@@ -339,9 +347,11 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
     estimate fails to halve over two checks once below 1e-3 (stagnation at the rounding floor).
     """
     theta, Ut = torch.linalg.eigh(Bd @ Bd.transpose(-2, -1))
-    theta, Ut = theta.flip(-1).clamp_min(0), Ut.flip(-1)
-    s = theta.sqrt()
     need = min(k + 1, d)
+    # Descending, and only the columns the rule reads (the largest min(d, max(2k, k+b)) values).
+    top = min(d, max(2 * k, k + b, need))
+    theta, Ut = theta[:, d - top:].flip(-1).clamp_min(0), Ut[:, :, d - top:].flip(-1)
+    s = theta.sqrt()
     rho = (L.double() @ Ut[:, d - b:d, :need]).norm(dim=-2)  # [G, need]
     s_i = s[:, :need]
     s_f = s[:, min(d, max(2 * k, k + b)) - 1:][:, :1] if d > k + 1 else torch.zeros_like(s[:, :1])
@@ -373,8 +383,8 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
     return done, next_check
 
 
-def _ritz(Q: torch.Tensor, P: torch.Tensor, Bd: torch.Tensor, theta: torch.Tensor, Ut: torch.Tensor, k: int):
-    """(U, S, V) of one layer from its bases and the eigenpairs of Bm Bm^T (fp64)."""
+def _ritz(Qt: torch.Tensor, Pt: torch.Tensor, Bd: torch.Tensor, theta: torch.Tensor, Ut: torch.Tensor, k: int):
+    """(U, S, V) of one layer from its bases (as rows) and the eigenpairs of Bm Bm^T (fp64)."""
     s = theta[:k].sqrt()
     if s[-1] <= 1e-6 * s[0] or s[0] == 0:
         # Tiny or zero kept values: V~ = Bm^T U~ / s loses orthogonality; take the SVD of Bm.
@@ -383,4 +393,4 @@ def _ritz(Q: torch.Tensor, P: torch.Tensor, Bd: torch.Tensor, theta: torch.Tenso
     else:
         Uk = Ut[:, :k]
         Vk = (Bd.transpose(-2, -1) @ Uk) / s
-    return Q @ Uk.to(Q.dtype), s.to(Q.dtype), P @ Vk.to(P.dtype)
+    return Qt.t() @ Uk.to(Qt.dtype), s.to(Qt.dtype), Pt.t() @ Vk.to(Pt.dtype)

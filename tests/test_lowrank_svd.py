@@ -281,7 +281,7 @@ def krylov_on_factors(bank, k, block, tol=AUTO_TOL):
     """fedlora.kernels.lowrank.krylov_svd on the bank's factored operator, no flop cap."""
     from fedlora.kernels import lowrank as LR
     scale = torch.repeat_interleave(bank.scalings, torch.tensor(bank.ranks))
-    op = LR.FactoredOperator((bank.B.detach() * scale)[None], bank.A.detach()[None])
+    op = LR.FactoredOperator([bank.B.detach()], [bank.A.detach()], [scale])
     res = LR.krylov_svd(op, k, tol=tol, block=block, max_dim=min(bank.d_in, bank.d_out),
                         generators=[torch.Generator().manual_seed(0)])
     return res, (res.U[0], res.S[0], res.V[0])
@@ -533,6 +533,19 @@ def test_rejects_factored_when_total_rank_reaches_min_dim():
         lowrank_svd(_bank(ranks=(4, 8)), rank=2, method="factored")
 
 
+def test_finite_check_is_exact():
+    """The one-reduction fast path of the NaN/Inf check must neither miss a bad entry nor
+    reject finite entries whose sum overflows."""
+    from fedlora.ops.checks import all_finite
+    t = torch.randn(50, 40)
+    assert all_finite(t)
+    for bad in (math.nan, math.inf, -math.inf):
+        u = t.clone()
+        u[17, 3] = bad
+        assert not all_finite(u)
+    assert all_finite(torch.full((4, 4), 3e38))  # finite; its fp32 sum is inf
+
+
 def test_rejects_banks_of_different_shapes():
     with pytest.raises(ValueError, match=r"banks\[1\] is a 13x16 layer"):
         lowrank_svd([_bank(), _bank(d_out=13)], rank=2)
@@ -580,7 +593,7 @@ def test_rejects_non_dict_info():
     ((192, 192), [64, 64, 22], 5, "factored"),      # R = 150 (0.78 min): the core SVD is still cheaper
     ((192, 192), [64, 64, 58], 5, "dense"),         # R = 186 (0.97 min): the full SVD is cheaper
     ((192, 192), [64, 64, 64, 64], 30, "dense"),    # R > min, k = 30: Krylov's 5k + b reaches min
-    ((512, 512), [64] * 10, 16, "krylov"),          # R = 640 > min: Krylov on the factored operator
+    ((512, 512), [64] * 10, 16, "krylov"),          # R = 640 > min: Krylov (on the reconstructed matrix)
     ((512, 512), [16, 16], 16, "factored"),         # R = 32: exact and cheap
 ])
 def test_auto_follows_the_documented_rule(shape, ranks, rank, expected):

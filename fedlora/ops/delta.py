@@ -29,7 +29,7 @@ from fedlora.kernels.reconstruct import reconstruct
 
 from fedlora.bank import AdapterBank
 
-from .checks import as_bank_list, check_finite, check_int, check_rank, per_bank_weights
+from .checks import all_finite, as_bank_list, check_finite, check_int, check_rank, per_bank_weights
 
 METHODS = ("auto", "factored", "krylov", "randomized", "dense")
 
@@ -52,29 +52,52 @@ def _packed(banks: list[AdapterBank], weights: list[list[float]]):
     return B_cat, A_cat, torch.cat(scales), [b.total_rank for b in banks]
 
 
-def _run_grouped(banks: list[AdapterBank], weights: list[list[float]], work: torch.dtype, fn):
-    """fn(layer indices, B diag(d) [G, m, R], A [G, R, n]) -> (U, S, V) per group of banks.
-
-    Banks with the same total rank stack into one batched QR/SVD (in federated rounds
-    all layers of a projection usually share their clients' ranks). Each factor is
-    copied once per group: B's stacked copy is scaled in place, A is a view when G = 1.
-    """
+def _rank_groups(banks: list[AdapterBank]) -> list[list[int]]:
+    """Bank indices grouped by total rank: one batched QR/SVD/Krylov run per group (in
+    federated rounds all layers of a projection usually share their clients' ranks)."""
     groups: dict[int, list[int]] = {}
     for i, b in enumerate(banks):
         groups.setdefault(b.total_rank, []).append(i)
+    return list(groups.values())
+
+
+def _stacked_factors(banks: list[AdapterBank], weights: list[list[float]], idx: list[int], work: torch.dtype):
+    """(B diag(d) [G, m, R], A [G, R, n]) of banks ``idx`` (one total rank R).
+
+    Each factor is copied once: B's stacked copy is scaled in place, A is a view when G = 1.
+    """
+    scales = torch.stack([_column_scales(banks[i], weights[i], work) for i in idx]).unsqueeze(1)
+    if len(idx) == 1:
+        return (banks[idx[0]].B.detach().unsqueeze(0).to(work) * scales,
+                banks[idx[0]].A.detach().unsqueeze(0).to(work))
+    B = torch.stack([banks[i].B.detach() for i in idx]).to(work).mul_(scales)
+    A = torch.stack([banks[i].A.detach() for i in idx]).to(work)
+    return B, A
+
+
+def _dense_stack(banks: list[AdapterBank], weights: list[list[float]], idx: list[int], work: torch.dtype):
+    """dW of banks ``idx`` as [G, m, n], one GEMM per layer into the output (no stacked factor copies)."""
+    first = banks[idx[0]]
+    out = torch.empty(len(idx), first.d_out, first.d_in, dtype=work, device=first.device)
+    for j, i in enumerate(idx):
+        b = banks[i]
+        torch.matmul(b.B.detach().to(work) * _column_scales(b, weights[i], work), b.A.detach().to(work), out=out[j])
+    return out
+
+
+def _run_grouped(banks: list[AdapterBank], weights: list[list[float]], work: torch.dtype, fn):
+    """fn(layer indices, B diag(d) [G, m, R], A [G, R, n]) -> (U, S, V) per group of banks."""
     results: list = [None] * len(banks)
-    for idx in groups.values():
-        scales = torch.stack([_column_scales(banks[i], weights[i], work) for i in idx]).unsqueeze(1)
-        if len(idx) == 1:
-            B = banks[idx[0]].B.detach().unsqueeze(0).to(work) * scales
-            A = banks[idx[0]].A.detach().unsqueeze(0).to(work)
-        else:
-            B = torch.stack([banks[i].B.detach() for i in idx]).to(work).mul_(scales)
-            A = torch.stack([banks[i].A.detach() for i in idx]).to(work)
+    for idx in _rank_groups(banks):
+        B, A = _stacked_factors(banks, weights, idx, work)
         U, S, V = fn(idx, B, A)
         del B, A
         for j, i in enumerate(idx):
             results[i] = (U[j], S[j], V[j])
+    return _restack(results)
+
+
+def _restack(results: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(torch.stack([r[t] for r in results]) for t in range(3))
 
 
@@ -85,19 +108,24 @@ def _run_grouped(banks: list[AdapterBank], weights: list[list[float]], work: tor
 #   factored  6 (m + n) R^2 + 30 R^3        two compact Householder QRs + the R x R core SVD
 #                                          (only while R < min(m, n))
 #   dense     2 m n R + 30 m n min(m, n)    reconstruction + the full SVD
-#   krylov    LR.krylov_flops at the predicted dimension d = max(5 k, 4 b) + b, on the
-#             factored operator (2 (m + n) R per product column) or on the reconstructed
-#             matrix (2 m n R once, then 2 m n per column), whichever is cheaper
+#   krylov    LR.krylov_flops at the predicted dimension d = 3 k + 6 b, on the factored
+#             operator (2 (m + n) R per product column, b = 32) or on the reconstructed
+#             matrix (2 m n R once, then 2 m n per column, b = 16), whichever is cheaper
 # The factored/dense pair keeps the measured crossover (R ~ 0.9..0.95 min(m, n) on square
-# layers). d = 5k + b is what summed client updates needed at k = 64 (224..320 at 1024^2
-# and 2048^2, 100 clients); small k still takes a few block steps (4b). A flatter
-# spectrum needs more, and the Krylov run is capped where its cost would pass the best
-# exact method's (then that method runs: at most ~2x the exact cost, never an
-# approximate answer).
+# layers). d = 3k + 6b covers what summed client updates (flat spectra) needed: k = 64,
+# 100 clients: 224 (b = 16) .. 320 (b = 32) at 1024^2 and 2048^2; k = 16 at 512^2: ~150;
+# k = 8 at 256^2: ~110. A flatter spectrum needs more, and the Krylov run is capped where
+# its cost would pass the best exact method's (then that method runs: at most ~2x the
+# exact cost, never an approximate answer).
 AUTO_SVD_FLOP_CONSTANT = 30.0
 AUTO_QR_FLOP_WEIGHT = 3.0
-KRYLOV_PREDICTED_DIM = 5
-KRYLOV_BLOCK = 32
+KRYLOV_PREDICTED_DIM = 3
+KRYLOV_PREDICTED_STEPS = 6
+# Block size per operator (lowrank_svd's block=None): products with the dense matrix are
+# cheap, so fewer Krylov columns (smaller blocks: 224 columns at b = 16 against 288..320
+# at b = 32 for k = 64, 100 clients) win; products with the factors cost 2 (m + n) R per
+# column and stream both factors, so wider blocks (better GEMM efficiency) win there.
+KRYLOV_BLOCK = {"dense": 16, "factored": 32}
 
 
 def _exact_costs(R: int | None, m: int, n: int) -> dict[str, float]:
@@ -109,45 +137,51 @@ def _exact_costs(R: int | None, m: int, n: int) -> dict[str, float]:
     return costs
 
 
-def _krylov_costs(R: int | None, m: int, n: int, dim: int, block: int) -> dict[str, float]:
-    """Flops of krylov_svd to dimension ``dim`` on each operator it can run on."""
-    costs = {"dense": (0 if R is None else 2 * m * n * R) + LR.krylov_flops(m, n, dim, 2 * m * n, block)}
-    if R is not None:
-        costs["factored"] = LR.krylov_flops(m, n, dim, 2 * (m + n) * R, block)
-    return costs
-
-
 def _predicted_dim(rank: int, block: int) -> int:
-    return max(KRYLOV_PREDICTED_DIM * rank, 4 * block) + block
+    return KRYLOV_PREDICTED_DIM * rank + KRYLOV_PREDICTED_STEPS * block
 
 
-def _auto_method(R: int | None, m: int, n: int, rank: int, block: int = KRYLOV_BLOCK) -> str:
+def _krylov_options(R: int | None, m: int, n: int, rank: int, block: int | None) -> dict[str, tuple[int, int]]:
+    """{operator: (block, predicted dimension)} for the operators krylov can run on."""
+    operators = ("dense",) if R is None else ("dense", "factored")
+    out = {}
+    for operator in operators:
+        b = min(block or KRYLOV_BLOCK[operator], min(m, n))
+        out[operator] = (b, min(min(m, n), _predicted_dim(rank, b)))
+    return out
+
+
+def _krylov_cost(R: int | None, m: int, n: int, operator: str, dim: int, block: int) -> float:
+    """Flops of krylov_svd to dimension ``dim`` on ``operator``, reconstruction included."""
+    if operator == "factored":
+        return LR.krylov_flops(m, n, dim, 2 * (m + n) * R, block)
+    return (0 if R is None else 2 * m * n * R) + LR.krylov_flops(m, n, dim, 2 * m * n, block)
+
+
+def _auto_method(R: int | None, m: int, n: int, rank: int, block: int | None = None) -> str:
     """"factored", "dense" or "krylov": the cheapest by the flop model above."""
     exact = _exact_costs(R, m, n)
     best_exact = min(exact, key=exact.get)
-    dim = _predicted_dim(rank, block)
-    if dim >= min(m, n):
-        return best_exact
-    return "krylov" if min(_krylov_costs(R, m, n, dim, block).values()) < exact[best_exact] else best_exact
+    krylov = [_krylov_cost(R, m, n, op, d, b) for op, (b, d) in _krylov_options(R, m, n, rank, block).items()
+              if d < min(m, n)]
+    return "krylov" if krylov and min(krylov) < exact[best_exact] else best_exact
 
 
-def _krylov_plan(R: int | None, m: int, n: int, rank: int, block: int) -> tuple[str, int]:
-    """(operator "factored" | "dense", Krylov dimension cap) for method "krylov".
+def _krylov_plan(R: int | None, m: int, n: int, rank: int, block: int | None) -> tuple[str, int, int]:
+    """(operator "factored" | "dense", block, Krylov dimension cap) for method "krylov".
 
-    The operator is the cheaper one at the predicted dimension; the cap is the largest
+    The operator is the cheaper one at its predicted dimension; the cap is the largest
     dimension whose Krylov cost stays under the best exact method's cost (at least
     the predicted dimension, at most min(m, n)), so a run that must fall back has cost
     at most about twice the exact method's.
     """
-    short = min(m, n)
-    predicted = min(short, _predicted_dim(rank, block))
-    costs = _krylov_costs(R, m, n, predicted, block)
-    operator = min(costs, key=costs.get)
+    options = _krylov_options(R, m, n, rank, block)
+    operator = min(options, key=lambda op: _krylov_cost(R, m, n, op, options[op][1], options[op][0]))
+    b, cap = options[operator]
     budget = min(_exact_costs(R, m, n).values())
-    cap = predicted
-    while cap + block <= short and _krylov_costs(R, m, n, cap + block, block)[operator] <= budget:
-        cap += block
-    return operator, cap
+    while cap + b <= min(m, n) and _krylov_cost(R, m, n, operator, cap + b, b) <= budget:
+        cap += b
+    return operator, b, cap
 
 
 def _generators(seed: int, layers, device: torch.device) -> list[torch.Generator]:
@@ -190,7 +224,7 @@ def _check_scales_fit(banks, weights: list[list[float]]) -> None:
 
 
 def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto", *, tol: float = 1e-4,
-                block: int = KRYLOV_BLOCK, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+                block: int | None = None, oversample: int = 10, n_iter: int = 2, seed: int = 0,
                 info: dict | None = None):
     """Top-``rank`` singular triplets (U [d_out, k], S [k], V [d_in, k]) of lora_delta(bank, weights).
 
@@ -207,7 +241,8 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
                   (FlexLoRA rounds of ~100 clients) this is krylov.
       factored    exact, from QR(B diag(d)), QR(A^T) and an SVD of the R x R core;
                   never allocates m x n. Valid while R = sum(ranks) < min(d_out, d_in).
-      krylov      block Golub-Kahan-Lanczos with ``block`` columns per step, on the
+      krylov      block Golub-Kahan-Lanczos with ``block`` columns per step (None: 16 on
+                  the dense matrix, 32 on the factors), on the
                   factored operator (products with B diag(d) and A, never the m x n
                   matrix) or on the matrix reconstructed by one GEMM, whichever the flop
                   model says is cheaper; stops when a residual-based estimate of the kept
@@ -244,7 +279,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     oversample = check_int(oversample, "oversample", 0)
     n_iter = check_int(n_iter, "n_iter", 0)
-    block = check_int(block, "block", 1)
+    block = None if block is None else check_int(block, "block", 1)
     tol = _check_tol(tol)
     if info is not None and not isinstance(info, dict):
         raise ValueError(f"info must be a dict or None, got {type(info).__name__}")
@@ -274,10 +309,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
             U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.randomized_svd_factored(
                 B, A, rank, oversample, n_iter, _generators(seed, idx, B.device)))
         elif method == "krylov":
-            layers: list = [None] * len(banks)
-            U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: _krylov_group(
-                idx, B, A, B.shape[-1], rank, tol, block, seed, layers))
-            info["krylov"] = layers
+            U, S, V, info["krylov"] = _krylov_banks(banks, w, work, rank, tol, block, seed)
         else:
             B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
             U, S, V = LR.dense_svd(reconstruct(B_cat, A_cat, col_scale, layer_ranks, work), rank)
@@ -290,30 +322,53 @@ def _check_tol(tol) -> float:
     return float(tol)
 
 
-def _krylov_group(idx: list[int], B: torch.Tensor | None, A: torch.Tensor | None, R: int | None, rank: int,
-                  tol: float, block: int, seed: int, layers: list, M: torch.Tensor | None = None):
-    """krylov_svd of one group (factors B [G, m, R], A [G, R, n], or a dense M [G, m, n] with R None).
+def _krylov_banks(banks: list[AdapterBank], weights: list[list[float]], work: torch.dtype, rank: int, tol: float,
+                  block: int, seed: int):
+    """Method "krylov" over banks: (U, S, V, per-layer records), one Krylov run per rank group."""
+    results: list = [None] * len(banks)
+    layers: list = [None] * len(banks)
+    m, n = banks[0].d_out, banks[0].d_in
+    for idx in _rank_groups(banks):
+        R = banks[idx[0]].total_rank
+        operator, b, cap = _krylov_plan(R, m, n, rank, block)
+        if operator == "dense":
+            M = _dense_stack(banks, weights, idx, work)
+            op = LR.DenseOperator(M)
+        else:  # views of the banks' factors, the weights applied inside the products
+            op = LR.FactoredOperator([banks[i].B.detach().to(work) for i in idx],
+                                     [banks[i].A.detach().to(work) for i in idx],
+                                     [_column_scales(banks[i], weights[i], work) for i in idx])
+        factored_exact = _exact_method(R, m, n) == "factored"
 
-    Layers that do not converge are recomputed exactly (factored or dense, the cheaper);
-    ``layers[i]`` records what happened to layer idx[...] = i.
-    """
-    G, m, n = (B.shape[0], B.shape[1], A.shape[2]) if M is None else tuple(M.shape)
-    operator, cap = _krylov_plan(R, m, n, rank, block)
-    if operator == "dense" and M is None:
-        M = B @ A  # one GEMM: cheaper than factored products over the whole run
-    op = LR.DenseOperator(M) if operator == "dense" else LR.FactoredOperator(B, A)
-    device = op.device
-    res = LR.krylov_svd(op, rank, tol=tol, block=block, max_dim=cap, generators=_generators(seed, idx, device))
-    U, S, V = res.U, res.S, res.V
+        def exact(j: int):  # the cheaper exact method, on what this group already holds
+            if operator == "dense" and not factored_exact:
+                return LR.dense_svd(M[j:j + 1], rank)
+            B, A = _stacked_factors(banks, weights, [idx[j]], work)
+            return LR.factored_svd(B, A, rank) if factored_exact else LR.dense_svd(B @ A, rank)
+
+        U, S, V = _run_krylov(op, operator, cap, idx, rank, tol, b, seed, exact, layers)
+        for j, i in enumerate(idx):
+            results[i] = (U[j], S[j], V[j])
+        del op
+    return (*_restack(results), layers)
+
+
+def _exact_method(R: int | None, m: int, n: int) -> str:
     exact = _exact_costs(R, m, n)
+    return min(exact, key=exact.get)
+
+
+def _run_krylov(op, operator: str, cap: int, idx: list[int], rank: int, tol: float, block: int, seed: int, exact,
+                layers: list):
+    """krylov_svd of one group; layers that do not converge are replaced by ``exact(position)``,
+    and ``layers[idx[j]]`` records what happened to each."""
+    res = LR.krylov_svd(op, rank, tol=tol, block=block, max_dim=cap, generators=_generators(seed, idx, op.device))
+    U, S, V = res.U, res.S, res.V
     for j, layer in enumerate(idx):
-        layers[layer] = {"operator": operator, "dim": res.dims[j], "estimate": res.estimates[j],
+        layers[layer] = {"operator": operator, "block": block, "dim": res.dims[j], "estimate": res.estimates[j],
                          "converged": res.converged[j]}
         if not res.converged[j]:
-            if exact.get("factored", math.inf) < exact["dense"]:
-                u, s, v = LR.factored_svd(B[j:j + 1], A[j:j + 1], rank)
-            else:
-                u, s, v = LR.dense_svd(M[j:j + 1] if M is not None else B[j:j + 1] @ A[j:j + 1], rank)
+            u, s, v = exact(j)
             U[j], S[j], V[j] = u[0], s[0], v[0]
     return U, S, V
 
@@ -330,7 +385,7 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, tol, block,
                          "'dense', 'krylov', 'randomized' or 'auto'")
     m, n = M.shape[-2:]
     rank = check_rank(rank, m, n)
-    if not torch.isfinite(M).all():
+    if not all_finite(M):
         raise ValueError("the dense matrix holds NaN or Inf")
     batch = M if M.dim() == 3 else M.unsqueeze(0)
     if method == "auto":
@@ -341,10 +396,10 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, tol, block,
         if method == "dense":
             U, S, V = LR.dense_svd(work, rank)
         elif method == "krylov":
-            layers: list = [None] * work.shape[0]
-            U, S, V = _krylov_group(list(range(work.shape[0])), None, None, None, rank, tol, block, seed, layers,
-                                    M=work)
-            info["krylov"] = layers
+            info["krylov"] = [None] * work.shape[0]
+            _, b, cap = _krylov_plan(None, m, n, rank, block)
+            U, S, V = _run_krylov(LR.DenseOperator(work), "dense", cap, list(range(work.shape[0])), rank, tol,
+                                  b, seed, lambda j: LR.dense_svd(work[j:j + 1], rank), info["krylov"])
         else:
             gens = _generators(seed, range(batch.shape[0]), M.device)
             U, S, V = LR.randomized_svd_dense(work, rank, oversample, n_iter, gens)
