@@ -263,7 +263,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
                     E||M - U S V^T|| <= s_{k+1} + [(1 + sqrt(k/(p-1))) s_{k+1}^(2q+1)
                                        + e sqrt(k+p)/p (sum_{j>k} s_j^(2(2q+1)))^(1/2)]^(1/(2q+1))
                   which on flat spectra (sums of independent client updates) is far from
-                  the truncation: 7..29% relative error at k = 64, p = 10, q = 2 in
+                  the truncation: 7..33% relative error at k = 64, p = 10, q = 2 in
                   bench/NOTES_server.md. No tolerance is checked.
       dense       torch.linalg.svd of the reconstructed matrix (the reference).
 
