@@ -20,8 +20,6 @@ Weights must be finite and >= 0.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedlora.kernels import lowrank as LR
