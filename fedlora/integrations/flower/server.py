@@ -9,6 +9,7 @@ exports it).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -67,20 +68,33 @@ def run_server(grid: Grid, cfg: SimConfig, settings: FlowerSettings | None = Non
     return strategy
 
 
-class _FlowerStreamHandler(logging.StreamHandler):
-    """fedlora's log lines on stdout, which Flower mirrors into the run's log."""
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (Flower mirrors it into the run's log)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property above decides
+        pass
 
 
-def log_to_flower_stream() -> None:
-    """Send fedlora's log lines (INFO and up) to stdout, which Flower mirrors into the run's log
-    (``flwr run --stream``, ``flwr log``)."""
+@contextlib.contextmanager
+def log_to_flower_stream():
+    """While the ServerApp runs, fedlora's log lines (INFO and up) go to stdout, which Flower mirrors
+    into the run's log (``flwr run --stream``, ``flwr log``); the logger is left as it was after."""
     logger = logging.getLogger("fedlora")
-    if not any(isinstance(h, _FlowerStreamHandler) for h in logger.handlers):
-        handler = _FlowerStreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(levelname)-8s: fedlora: %(message)s"))
-        logger.addHandler(handler)
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s: fedlora: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False  # printed once, not again by a root handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def server_app(cfg: SimConfig | None = None, settings: FlowerSettings | None = None, *,
@@ -90,10 +104,10 @@ def server_app(cfg: SimConfig | None = None, settings: FlowerSettings | None = N
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        log_to_flower_stream()
-        if cfg is not None:
-            run_server(grid, cfg, settings, run_id=context.run_id)
-        else:
-            run_server(grid, *load_run_config(context.run_config, base_dir), run_id=context.run_id)
+        with log_to_flower_stream():
+            if cfg is not None:
+                run_server(grid, cfg, settings, run_id=context.run_id)
+            else:
+                run_server(grid, *load_run_config(context.run_config, base_dir), run_id=context.run_id)
 
     return app
