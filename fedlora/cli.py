@@ -73,7 +73,8 @@ def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"fedlora simulate: {exc}", file=sys.stderr)
         return 2
     last = next((m for m in reversed(result.metrics) if "eval_heldout_ppl" in m), {})
-    print(f"done: {len(result.metrics)} rounds, metrics {result.output_dir / 'metrics.jsonl'}, "
+    rounds = len(result.metrics)
+    print(f"done: {rounds} round{'' if rounds == 1 else 's'}, metrics {result.output_dir / 'metrics.jsonl'}, "
           f"plot {result.output_dir / 'metrics.png'}, adapter {result.adapter_dir}")
     if last:
         print(f"final held-out perplexity {last['eval_heldout_ppl']:.3f}"
