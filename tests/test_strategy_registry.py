@@ -37,3 +37,10 @@ def test_rank_rules_are_hooks_of_the_rule():
         make_strategy(SimConfig(strategy="fedavg"), SHAPES, [4, 8])
     bucket = make_strategy(SimConfig(strategy="fedavg", strategy_options={"heterogeneous": "bucket"}), SHAPES, [4, 8])
     assert bucket.module_ranks == {"m.q_proj": 4}
+
+
+def test_a_bad_option_value_is_a_settings_error_before_anything_loads():
+    with pytest.raises(ValueError, match=r"config: strategy_options of hetlora: prune_gamma must be in \(0, 1\), got 2"):
+        SimConfig(strategy="hetlora", strategy_options={"prune_gamma": 2}).validate()
+    with pytest.raises(ValueError, match=r"config: strategy_options of fedavg: heterogeneous must be 'refuse' or 'bucket'"):
+        SimConfig(strategy="fedavg", strategy_options={"heterogeneous": "yes"}).validate()

@@ -181,10 +181,12 @@ class SimConfig:
             if not cond:
                 raise InputError(f"config: {msg}")
 
-        try:
-            registry.check_options(self.strategy, self.strategy_options)
+        try:  # builds the rule (cheap: constructors only check and store), so a bad option value fails here too
+            registry.create(self.strategy, self.strategy_options, use_rslora=self.use_rslora, seed=self.seed)
         except ValueError as exc:
-            need(False, str(exc))
+            message = str(exc)
+            need(False, message if message.startswith("strategy_options") else
+                 f"strategy_options of {self.strategy}: {message}")
         need(self.local_steps >= 1 or self.local_epochs > 0, "local_steps must be >= 1 (or set local_epochs)")
         if self.scaffold:
             admit = [n for n in STRATEGIES if registry.lookup(n).admits_scaffold]
