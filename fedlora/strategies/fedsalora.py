@@ -23,7 +23,6 @@ renormalised; a row no client of the round trained keeps its value.
 """
 from __future__ import annotations
 
-import torch
 
 from .base import TruncatedFactors
 
