@@ -4,8 +4,8 @@ Reads ``<dir>/cells/*/cell.json`` (written last by a finished cell), the cell's
 ``metrics.jsonl`` and its ``base_eval.json`` (the base model before round 1),
 and writes ``results.csv`` (one row a cell), ``results.md`` (rules x rank
 distributions, mean +- std over seeds, the best in each column in bold),
-``curves.png`` (the metric against rounds and against bytes sent, one line per
-rule, a band of +-1 std over seeds), ``bars.png`` (the final metric of every
+``curves.png`` (the metric's change from the base model of the same seed against
+rounds and against bytes sent, one line per rule, a band of +-1 std over seeds), ``bars.png`` (the final metric of every
 cell, grouped by rule and rank distribution) and, when the cells logged them,
 the rank breakdown and spectrum of ``benchmark_analysis`` (``spectrum.png``).
 """
@@ -279,6 +279,8 @@ def _curves(cells: list[CellResult], metric: str, path: Path) -> None:
     panels = _ordered((c.group(), c.dist) for c in cells)
     rules = _ordered(c.rule for c in cells)
     colors = {r: f"C{i % 10}" for i, r in enumerate(rules)}
+    relative = all(c.series(metric) and c.series(metric)[0][0] == 0 for c in cells)  # every cell has its base
+    ylabel = f"{metric} - the base model's (same seed)" if relative else metric
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
     for row, (group, dist) in enumerate(panels):
         for rule in rules:
@@ -290,6 +292,8 @@ def _curves(cells: list[CellResult], metric: str, path: Path) -> None:
             length = min(len(s) for s in series)  # cells of one rule share their rounds; unfinished ones are cut
             arr = np.array([[p for p in s[:length]] for s in series], dtype=float)  # [seeds, points, 3]
             y, x_bytes = arr[:, :, 2], arr[:, :, 1].mean(0)
+            if relative:  # a seed's own base model as its zero: seeds differ in their evaluation sets
+                y = y - y[:, :1]
             mean = y.mean(0)
             std = y.std(0, ddof=1) if len(series) > 1 else np.zeros_like(mean)
             for col, x in ((0, arr[0, :, 0]), (1, x_bytes)):
@@ -301,7 +305,7 @@ def _curves(cells: list[CellResult], metric: str, path: Path) -> None:
             ax = axes[row][col]
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(metric)
+            ax.set_ylabel(ylabel, fontsize=8 if relative else None)
             ax.grid(alpha=0.3)
         axes[row][0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes[row][0].legend(fontsize=8)
