@@ -166,6 +166,36 @@ def test_report_is_rebuilt_from_finished_cells(tmp_path):
     assert again["md"].read_text() == md and again["csv"].read_text() == paths["csv"].read_text()
 
 
+def test_report_breaks_held_out_ppl_down_by_client_rank(tmp_path):
+    grid = Grid.from_dict(grid_dict(strategy=["flexlora", "bucket", "homogeneous-max"], rank_distribution=["uniform"],
+                                    seed=[0, 1]), output_dir=tmp_path)
+    rng = np.random.default_rng(1)
+    ppl = {}
+    for run, cells in grid.runs().items():
+        fake_cell(tmp_path, grid, cells, [2.0, 1.5], base_loss=4.0, bytes_up=1000)
+        if run == "strategy-bucket__rank_distribution-uniform__seed-1":
+            continue  # a cell recorded before the breakdown existed
+        path = Path(cells[0].config.output_dir) / "metrics.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        ppl[run] = {r: float(rng.uniform(2, 9)) for r in ("2", "4")}
+        lines[-1]["eval_heldout_by_rank"] = {r: {"loss": math.log(v), "ppl": v, "clients": 1, "tokens": 10}
+                                             for r, v in ppl[run].items()}
+        path.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    md = write_report(tmp_path)["md"].read_text()
+    table = md.split("### Held-out perplexity by client rank, ranks: uniform (final")[1].split("###")[0]
+    name = "strategy-{}__rank_distribution-uniform__seed-{}".format
+    flex = [[ppl[name("flexlora", s)][r] for s in (0, 1)] for r in ("2", "4")]
+    assert (f"| flexlora | {np.mean(flex[0]):.3f} ± {np.std(flex[0], ddof=1):.3f} | "
+            f"{np.mean(flex[1]):.3f} ± {np.std(flex[1], ddof=1):.3f} |") in table
+    bucket = ppl[name("bucket", 0)]
+    assert f"| bucket | {bucket['2']:.3f} | {bucket['4']:.3f} |" in table  # seed 1 has no breakdown
+    assert "| homogeneous-max | – | – |" in table  # every client trains at rank 4: nothing to group by
+    paired = md.split("each rule minus bucket on the same seed\n")[-1].split("###")[0]
+    diffs = [ppl[name("flexlora", 0)][r] - bucket[r] for r in ("2", "4")]  # only seed 0 has a pair
+    assert ("| flexlora | " + " | ".join(f"{d:+.3f} ({int(d < 0)}/1 better)" for d in diffs) + " |") in paired
+    assert "homogeneous-max trains every client at the largest rank" in md
+
+
 def test_base_evaluation_is_shared_by_runs_of_the_same_model_data_and_seed(tmp_path):
     from fedlora.simulation.benchmark import reuse_base_eval
 
@@ -174,10 +204,18 @@ def test_base_evaluation_is_shared_by_runs_of_the_same_model_data_and_seed(tmp_p
     done = Path(flex0.config.output_dir)
     done.mkdir(parents=True)
     (done / "config.json").write_text(flex0.config.to_json())
-    (done / "base_eval.json").write_text(json.dumps({"eval_heldout_loss": 3.5, "wall_time_s": 9.0}))
+    by_rank = {"2": {"loss": 3.0, "ppl": math.exp(3.0), "clients": 1, "tokens": 5}}
+    (done / "base_eval.json").write_text(json.dumps({"eval_heldout_loss": 3.5, "wall_time_s": 9.0,
+                                                     "eval_heldout_by_rank": by_rank}))
     assert reuse_base_eval(flora0.config) == flex0.run  # another rule, the same model, data and seed
     copied = json.loads((Path(flora0.config.output_dir) / "base_eval.json").read_text())
-    assert copied == {"eval_heldout_loss": 3.5, "wall_time_s": 9.0, "shared_from": flex0.run}
+    assert copied == {"eval_heldout_loss": 3.5, "wall_time_s": 9.0, "eval_heldout_by_rank": by_rank,
+                      "shared_from": flex0.run}
+    # Under another rank distribution the clients are grouped by other ranks: the breakdown is not copied.
+    other = Grid.from_dict(grid_dict(strategy=["flora"], rank_distribution=["heavy_tail"], seed=[0]),
+                           output_dir=tmp_path).cells()[0]
+    assert reuse_base_eval(other.config) == flex0.run
+    assert "eval_heldout_by_rank" not in json.loads((Path(other.config.output_dir) / "base_eval.json").read_text())
     # The folder holds this run now (its config), so simulate continues it instead of refusing a foreign folder.
     from fedlora.simulation.outputs import prepare_output_dir
 
@@ -318,6 +356,9 @@ def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, caps
     assert {name: (out / name).read_bytes() for name in built} == built
     assert (out / "curves.png").is_file() and (out / "bars.png").is_file() and (out / "spectrum.png").is_file()
     assert "| flexlora | " in built["results.md"].decode().split("by their rank")[1]
+    # the data's held-out set is its clients' held-out examples: every evaluation is broken down by rank
+    assert all("eval_heldout_by_rank" in m for m in metrics) and "eval_heldout_by_rank" in bases[1]
+    assert "| bucket | " in built["results.md"].decode().split("Held-out perplexity by client rank")[1]
 
     assert run_grid(grid) == []  # all finished: nothing runs
     toml.write_text(GRID_TOML.format(data=data, out=out).replace("rounds = 2", "rounds = 3"))

@@ -11,6 +11,7 @@ from fedlora.federated.update import atomic_write
 from fedlora.simulation import simulate
 from fedlora.simulation.personal import PersonalStore
 
+from .test_evaluation_by_rank import mean_over_ranks, recombination_tol
 from .test_simulation import resume_cfg, synthetic_data, without_wall_time
 
 
@@ -48,6 +49,11 @@ def test_clients_keep_their_B_and_the_personalised_models_are_evaluated(full_run
         A_bytes = sum(4 * full_run.client_ranks[c] * d_in for c in m["clients"] for _, d_in in shapes.values())
         assert m["bytes_up"] == m["bytes_down"] == A_bytes
         assert math.isfinite(m["eval_personal_heldout_loss"]) and m["eval_personal_clients"] == 4
+        # the personalised models' loss by client rank: the same tokens as the global evaluation's breakdown
+        groups = m["eval_personal_heldout_by_rank"]
+        assert {r: g["tokens"] for r, g in groups.items()} == \
+            {r: g["tokens"] for r, g in m["eval_heldout_by_rank"].items()}
+        assert mean_over_ranks(groups) == pytest.approx(m["eval_personal_heldout_loss"], rel=recombination_tol(groups))
         assert not any(full_run.strategy.global_delta(n).any() for n in full_run.strategy.module_shapes)
     # the global model is the base model (no global B), the personalised ones learn
     assert len({m["eval_heldout_loss"] for m in metrics}) == 1

@@ -46,6 +46,8 @@ _SLUG = re.compile(r"[^A-Za-z0-9.+-]+")
 BASE_EVAL_KEYS = ("model", "quantization", "dtype", "device", "dataset", "partition", "client_field",
                   "category_field", "dirichlet_alpha", "min_lines", "unseen_fraction", "heldout_fraction", "seq_len",
                   "num_clients", "seed", "eval_max_examples", "eval_generate_examples", "max_new_tokens")
+# What its breakdown by client rank (eval_heldout_by_rank) depends on besides: the clients' ranks.
+RANK_KEYS = ("rank_distribution", "rank_levels", "client_ranks")
 
 
 @dataclass
@@ -184,7 +186,8 @@ def reuse_base_eval(config: SimConfig) -> str | None:
     The base model's metrics depend only on ``BASE_EVAL_KEYS`` (the model, the data and
     its partition, the evaluation sets): the same model on the same examples gives the
     same numbers (greedy generation included), so the rules of one seed share one. The
-    copy says where it came from (``shared_from``). Returns that run's folder name, or None.
+    copy says where it came from (``shared_from``); it keeps the breakdown by client rank only
+    when the clients' ranks (``RANK_KEYS``) agree too. Returns that run's folder name, or None.
     """
     target = Path(config.output_dir) / BASE_EVAL_FILE
     if not config.eval_base or target.is_file():
@@ -197,6 +200,8 @@ def reuse_base_eval(config: SimConfig) -> str | None:
         other = json.loads(settings.read_text())
         if all(other.get(key) == want[key] for key in BASE_EVAL_KEYS):
             record = {**json.loads(source.read_text()), "shared_from": folder.name}
+            if any(other.get(key) != want[key] for key in RANK_KEYS):  # its clients were grouped by other ranks
+                record.pop("eval_heldout_by_rank", None)
             target.parent.mkdir(parents=True, exist_ok=True)
             # config.json first, as simulate writes it: the folder then holds this (resumable) run.
             atomic_write(target.parent / "config.json", config.to_json().encode())

@@ -1,13 +1,16 @@
 """Why rules differ: a breakdown of the clients by rank, and the spectrum of the global update.
 
 Both read what ``simulate`` records in metrics.jsonl: ``client_train_loss`` beside
-``ranks`` (every round), and ``spectrum`` (with ``log_spectrum = k``: the k largest
-singular values of the global update of the first, middle and last layers' modules at
-every evaluation).
+``ranks`` (every round), ``eval_heldout_by_rank`` (every evaluation) and ``spectrum`` (with
+``log_spectrum = k``: the k largest singular values of the global update of the first,
+middle and last layers' modules at every evaluation).
 
 - rank breakdown: the mean training loss of the sampled clients of each rank over the
   second half of the rounds (the rank a client could afford; bucket trains them all at the
   smallest), averaged over seeds;
+- held-out perplexity by client rank: the final evaluation's held-out tokens grouped by the
+  rank their client was assigned (the same grouping for every rule), mean over seeds, and
+  each rule minus bucket on the same seed; cells recorded before the breakdown existed show "–";
 - effective rank (Roy & Vetterli, 2007) of a global update: exp(H(p)) with p_i = s_i / sum_j s_j
   over its logged singular values, averaged over the logged modules: how many directions the
   update really uses, e.g. whether rank-4 clients pull FlexLoRA's update toward rank 4.
@@ -68,9 +71,80 @@ def rank_breakdown(cells) -> dict[str, dict[int, float]]:
     return {rule: {r: float(np.mean(v)) for r, v in sorted(by_rank.items())} for rule, by_rank in out.items()}
 
 
+BY_RANK = "eval_heldout_by_rank"
+
+
+def final_by_rank(cell) -> dict[int, float] | None:
+    """rank -> held-out perplexity of that rank's clients at the cell's final evaluation, or None (the final
+    evaluation has no breakdown: recorded before it existed, or a run whose ranks are not the column's)."""
+    if cell.config.get("rank_distribution") != cell.dist:  # homogeneous-max: every client at the largest rank
+        return None
+    evaluated = [m for m in cell.metrics if "eval_heldout_loss" in m]
+    groups = evaluated[-1].get(BY_RANK) if evaluated else None
+    if not isinstance(groups, dict):
+        return None
+    return {int(r): float(g["ppl"]) for r, g in groups.items()}
+
+
+def by_rank_tables(cells, ordered) -> str:
+    """Held-out perplexity by client rank per rule (mean ± std over seeds) and each rule minus bucket on the
+    same seed, one pair of tables per rank distribution; empty when no cell recorded the breakdown."""
+    finals = {id(c): final_by_rank(c) for c in cells}
+    if not any(finals.values()):
+        return ""
+    out = []
+    for dist in ordered(c.dist for c in cells):
+        members = [c for c in cells if c.dist == dist]
+        ranks = sorted({r for c in members for r in (finals[id(c)] or {})})
+        if not ranks:
+            continue
+        header = "| rule | " + " | ".join(f"rank {r}" for r in ranks) + " |\n|---|" + "---|" * len(ranks) + "\n"
+        rows, paired = [], []
+        rules = ordered(c.rule for c in members)
+        for rule in rules:
+            own = [c for c in members if c.rule == rule]
+            entries = []
+            for r in ranks:
+                vals = [finals[id(c)][r] for c in own if finals[id(c)] and r in finals[id(c)]]
+                entries.append(_mean_std(vals))
+            rows.append(f"| {rule} | " + " | ".join(entries) + " |\n")
+            if rule != "bucket" and "bucket" in rules:
+                ref = {c.seed: finals[id(c)] for c in members if c.rule == "bucket" and finals[id(c)]}
+                entries = []
+                for r in ranks:
+                    diffs = [finals[id(c)][r] - ref[c.seed][r] for c in own
+                             if finals[id(c)] and r in finals[id(c)] and c.seed in ref and r in ref[c.seed]]
+                    entries.append(_mean_std(diffs, signed=True)
+                                   + (f" ({sum(d < 0 for d in diffs)}/{len(diffs)} better)" if diffs else ""))
+                paired.append(f"| {rule} | " + " | ".join(entries) + " |\n")
+        out.append(f"\n### Held-out perplexity by client rank, ranks: {dist} (final evaluation, mean ± std over "
+                   "seeds; each client's examples under the rank the distribution assigned it)\n\n" + header
+                   + "".join(rows))
+        if paired:
+            out.append(f"\n### Held-out perplexity by client rank, ranks: {dist}: each rule minus bucket on the "
+                       "same seed\n\n" + header + "".join(paired))
+    notes = []
+    if any(c.config.get("rank_distribution") != c.dist for c in cells):
+        notes.append("homogeneous-max trains every client at the largest rank, so its clients have no other rank "
+                     "to be grouped by: its rows show –")
+    if any(c.rule == "local-only" for c in cells):
+        notes.append("local-only scores each client's held-out examples with that client's own adapter (the base "
+                     "model for a client never sampled)")
+    if any(not finals[id(c)] and c.config.get("rank_distribution") == c.dist for c in cells):
+        notes.append("– also marks cells recorded before the breakdown existed")
+    return "".join(out) + ("\n" + "; ".join(notes) + ".\n" if notes else "")
+
+
+def _mean_std(vals: list[float], signed: bool = False) -> str:
+    if not vals:
+        return "–"
+    text = f"{np.mean(vals):{'+' if signed else ''}.3f}"
+    return text + (f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "")
+
+
 def markdown_sections(cells, ordered) -> str:
     """The breakdown and spectrum tables (empty when nothing of it was recorded)."""
-    parts = []
+    parts = [by_rank_tables(cells, ordered)]
     breakdown = rank_breakdown(cells)
     if breakdown:
         ranks = sorted({r for by in breakdown.values() for r in by})

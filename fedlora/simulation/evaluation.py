@@ -20,7 +20,7 @@ from fedlora.layers import segments
 from fedlora.strategies import Strategy
 from fedlora.strategies.base import merge_parts
 
-from .trainer import FederatedModel, client_losses
+from .trainer import FederatedModel, token_loss_sums
 
 _LAYER = re.compile(r"\.(\d+)\.")
 EVAL_BATCH = 8  # sequences per forward pass when scoring
@@ -65,27 +65,85 @@ def rouge_l(fm: FederatedModel, tokenizer, per_client: Sequence[tuple[float, lis
     return total / weight if weight else float("nan")
 
 
-@torch.no_grad()
+def example_losses(fm: FederatedModel, examples: Sequence, pad_token_id: int, batch_size: int = EVAL_BATCH,
+                   progress: Callable[[int], object] | None = None) -> tuple[list[float], list[int]]:
+    """Each example's summed next-token loss and its number of targets, in ``examples``' order, of the
+    model as it stands (single adapter loaded): what every loss of an evaluation is a token-weighted mean of."""
+    fm.model.eval()
+    sums: list[float] = []
+    tokens: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = list(examples[i:i + batch_size])
+            batch = collate_clients([chunk], pad_token_id)
+            with segments(fm.model, [len(chunk)], [0]):
+                logits = fm.model(input_ids=batch["input_ids"].to(fm.device),
+                                  attention_mask=batch["attention_mask"].to(fm.device)).logits
+            row_sums, row_tokens = token_loss_sums(logits, batch["labels"].to(fm.device))
+            sums += row_sums.double().tolist()
+            tokens += row_tokens.tolist()
+            if progress is not None:
+                progress(len(chunk))
+    return sums, tokens
+
+
 def evaluate_loss(fm: FederatedModel, examples: Sequence, pad_token_id: int, batch_size: int = EVAL_BATCH,
                   progress: Callable[[int], object] | None = None) -> float:
     """Token-weighted mean next-token loss of the model as it stands (single zero adapter loaded)."""
     if not examples:
         return float("nan")
-    fm.model.eval()
-    total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i:i + batch_size])
-        batch = collate_clients([chunk], pad_token_id)
-        with segments(fm.model, [len(chunk)], [0]):
-            logits = fm.model(input_ids=batch["input_ids"].to(fm.device),
-                              attention_mask=batch["attention_mask"].to(fm.device)).logits
-        labels = batch["labels"].to(fm.device)[:, 1:]
-        n = int((labels != IGNORE_INDEX).sum())
-        total += float(client_losses(logits, batch["labels"].to(fm.device), [len(chunk)])[0]) * n
-        tokens += n
-        if progress is not None:
-            progress(len(chunk))
-    return total / max(tokens, 1)
+    sums, tokens = example_losses(fm, examples, pad_token_id, batch_size, progress)
+    return math.fsum(sums) / max(sum(tokens), 1)
+
+
+def loss_entry(loss_sum: float, tokens: int) -> dict:
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def by_rank(sums: Sequence[float], tokens: Sequence[int], owners: Sequence[tuple[str, int]]) -> dict[str, dict]:
+    """Token-weighted loss and perplexity of the examples of each client rank: rank (a string, JSON's
+    key) -> {loss, ppl, clients, tokens}. ``owners``: (client id, its rank) of each example.
+
+    The same per-example sums as the overall loss, so sum_r tokens_r * loss_r / sum_r tokens_r is that
+    loss up to float64 rounding."""
+    if len(owners) != len(sums):
+        raise ValueError(f"{len(owners)} example owners for {len(sums)} scored examples")
+    ranks = sorted({int(rank) for _, rank in owners})
+    out = {}
+    for r in ranks:
+        mine = [i for i, (_, rank) in enumerate(owners) if int(rank) == r]
+        count = sum(tokens[i] for i in mine)
+        out[str(r)] = {**loss_entry(math.fsum(sums[i] for i in mine), count),
+                       "clients": len({owners[i][0] for i in mine}), "tokens": count}
+    return out
+
+
+def heldout_owners(clients: Sequence, budget: int, rank_of: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(client id, its rank) of every held-out example an evaluation scores, in order: the training
+    clients' held-out examples client by client up to ``budget``, as ``eval_sets("heldout", budget)``
+    takes them (counted, not read)."""
+    out: list[tuple[str, int]] = []
+    for client in clients:
+        if budget <= 0:
+            break
+        n = min(len(client.heldout), budget)
+        out += [(client.client_id, rank_of[client.client_id])] * n
+        budget -= n
+    return out
+
+
+def heldout_groups(clients: Sequence, budget: int) -> list[tuple[object, list]]:
+    """(client, its held-out examples) in data order, up to ``budget`` examples in all (as eval_sets)."""
+    out = []
+    for client in clients:
+        if budget <= 0:
+            break
+        examples = list(client.heldout[:budget])
+        if examples:
+            out.append((client, examples))
+            budget -= len(examples)
+    return out
 
 
 def evaluation_size(heldout: Sequence, unseen: Sequence, rouge_sets: Mapping[str, list]) -> int:
@@ -94,17 +152,23 @@ def evaluation_size(heldout: Sequence, unseen: Sequence, rouge_sets: Mapping[str
 
 
 def evaluate_model(fm: FederatedModel, deltas, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
-                   max_new_tokens: int, progress: Callable[[int], object] | None = None) -> dict:
+                   max_new_tokens: int, progress: Callable[[int], object] | None = None,
+                   heldout_ranks: Sequence[tuple[str, int]] | None = None) -> dict:
     """Loss, perplexity (and Rouge-L for instruction data) of the base model plus ``deltas``
-    ({module: dense update}; None: the base model alone, the baseline before round 1)."""
+    ({module: dense update}; None: the base model alone, the baseline before round 1).
+
+    heldout_ranks: (client id, client rank) of each held-out example (:func:`heldout_owners`): adds
+    ``eval_heldout_by_rank``, the same scored tokens grouped by the rank of the client they belong to.
+    """
     fm.load_zero_adapter()
     fm.set_deltas(deltas)
     out = {}
     for name, examples in (("heldout", heldout), ("unseen", unseen)):
         if examples:
-            loss = evaluate_loss(fm, examples, pad_id, progress=progress)
-            out[f"eval_{name}_loss"] = loss
-            out[f"eval_{name}_ppl"] = math.exp(min(loss, 50.0))
+            sums, tokens = example_losses(fm, examples, pad_id, progress=progress)
+            out.update({f"eval_{name}_{k}": v for k, v in loss_entry(math.fsum(sums), sum(tokens)).items()})
+            if name == "heldout" and heldout_ranks is not None:
+                out["eval_heldout_by_rank"] = by_rank(sums, tokens, heldout_ranks)
     for name, picked in rouge_sets.items():
         if picked:
             out[f"eval_{name}_rougeL"] = rouge_l(fm, tokenizer, picked, pad_id, max_new_tokens, progress=progress)
@@ -129,52 +193,50 @@ def update_spectrum(deltas, names: Sequence[str], k: int) -> dict[str, list[floa
 
 
 def evaluate_global(fm: FederatedModel, strategy: Strategy, heldout, unseen, pad_id: int, tokenizer, rouge_sets,
-                    max_new_tokens: int, spectrum: int = 0, progress: Callable[[int], object] | None = None) -> dict:
+                    max_new_tokens: int, spectrum: int = 0, progress: Callable[[int], object] | None = None,
+                    heldout_ranks: Sequence[tuple[str, int]] | None = None) -> dict:
     """The metrics of the global model: base + the rule's global update (reconstructed once for every metric).
 
     ``spectrum`` > 0 adds the top singular values of the update of the first,
     middle and last layers' modules (how much of its rank the rule uses).
     """
     deltas = strategy.global_deltas()
-    out = evaluate_model(fm, deltas, heldout, unseen, pad_id, tokenizer, rouge_sets, max_new_tokens, progress)
+    out = evaluate_model(fm, deltas, heldout, unseen, pad_id, tokenizer, rouge_sets, max_new_tokens, progress,
+                         heldout_ranks)
     if spectrum:
         out["spectrum"] = update_spectrum(deltas, spectrum_modules(list(deltas)), spectrum)
     return out
 
 
-def label_tokens(examples: Sequence) -> int:
-    """The next-token targets of ``examples``: what evaluate_loss averages over."""
-    return sum(int((ex["labels"][1:] != IGNORE_INDEX).sum()) for ex in examples)
-
-
 def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_of, pad_id: int,
-                      budget: int) -> dict:
+                      budget: int, rank_of: Mapping[str, int] | None = None, key: str = "eval_personal_heldout",
+                      progress: Callable[[int], object] | None = None) -> dict:
     """Each client's personalised model on its own held-out examples (rules with ``personal`` factors).
 
     clients: the training clients in data order; factors_of(client) -> the factors it would start
     the next round from (the rule's shared factors with its own personal ones). The examples are
     the global evaluation's held-out set (up to ``budget``, client by client), so
     ``eval_personal_heldout_*`` and ``eval_heldout_*`` score the same tokens. Token-weighted.
+    ``key``: the metrics' prefix (a rule without a global model reports these as ``eval_heldout``);
+    with ``rank_of`` also ``{key}_by_rank`` (see :func:`by_rank`).
     """
     base = strategy.client_base()
     fm.set_deltas(merge_parts(base) if base else None)
-    total = tokens = 0.0
-    scored = 0
-    for client in clients:
-        if budget <= 0:
-            break
-        examples = list(client.heldout[:budget])
-        if not examples:
-            continue
-        budget -= len(examples)
+    sums: list[float] = []
+    tokens: list[int] = []
+    owners: list[tuple[str, int]] = []
+    groups = heldout_groups(clients, budget)
+    for client, examples in groups:
         fm.load_clients([factors_of(client)])
-        n = label_tokens(examples)
-        total += evaluate_loss(fm, examples, pad_id) * n
+        s, n = example_losses(fm, examples, pad_id, progress=progress)
+        sums += s
         tokens += n
-        scored += 1
+        if rank_of is not None:
+            owners += [(client.client_id, rank_of[client.client_id])] * len(examples)
     fm.set_deltas(None)
-    if not tokens:
+    if not sum(tokens):
         return {}
-    loss = total / tokens
-    return {"eval_personal_heldout_loss": loss, "eval_personal_heldout_ppl": math.exp(min(loss, 50.0)),
-            "eval_personal_clients": scored}
+    out = {f"{key}_{k}": v for k, v in loss_entry(math.fsum(sums), sum(tokens)).items()}
+    if rank_of is not None:
+        out[f"{key}_by_rank"] = by_rank(sums, tokens, owners)
+    return {**out, "eval_personal_clients": len(groups)}

@@ -27,7 +27,7 @@ from fedlora.strategies import Strategy
 from . import reporting
 from .checkpoints import Checkpoints, fingerprint, run_defining
 from .config import InputError, SimConfig
-from .evaluation import evaluate_global, evaluate_model, evaluate_personal, evaluation_size
+from .evaluation import evaluate_global, evaluate_model, evaluate_personal, evaluation_size, heldout_owners
 from .export import export_peft_adapter
 from .outputs import prepare_output_dir
 from .personal import PersonalStore, with_personal
@@ -135,6 +135,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     run = setup_run(cfg, data)
     fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
     rank_of = run.rank_of
+    capacity = run.rank_of  # each client's rank as the distribution assigned it (not a rank it pruned to since)
     strategy = make_strategy(cfg, fm.module_shapes, ranks, run.device)
     checkpoints = Checkpoints(out)
     checkpoints.clean()
@@ -167,6 +168,11 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
 
     heldout, unseen = ([ex for _, exs in data.eval_sets(split, cfg.eval_max_examples) for ex in exs]
                        for split in ("heldout", "unseen"))
+    owners = heldout_owners(clients, cfg.eval_max_examples, capacity)  # who each held-out example belongs to
+    if len(owners) != len(heldout):  # a data source whose evaluation set is not its clients' held-out examples
+        reporting.note(f"the held-out set has {len(heldout)} examples, its clients' held-out examples {len(owners)}: "
+                       "no breakdown by client rank (eval_heldout_by_rank)")
+        owners = None
     rouge_sets = {}
     if cfg.dataset != "shakespeare" and cfg.eval_generate_examples > 0:  # FlexLoRA's metric for instructions
         rouge_sets = {split: data.eval_sets(split, cfg.eval_generate_examples) for split in ("heldout", "unseen")}
@@ -180,9 +186,9 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         try:
             if global_of is None:
                 return evaluate_model(fm, None, heldout, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
-                                      progress=bar.update)
+                                      progress=bar.update, heldout_ranks=owners)
             return evaluate_global(fm, global_of, heldout, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
-                                   cfg.log_spectrum, progress=bar.update)
+                                   cfg.log_spectrum, progress=bar.update, heldout_ranks=owners)
         finally:
             bar.close()
 
@@ -221,7 +227,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
                     return with_personal(start_factors(cfg, strategy, client.client_id, rank_of[client.client_id]),
                                          client.client_id, next_round, strategy.personal, personal_store,
                                          strategy.module_shapes)
-                record.update(evaluate_personal(fm, strategy, clients, factors_of, pad_id, cfg.eval_max_examples))
+                record.update(evaluate_personal(fm, strategy, clients, factors_of, pad_id, cfg.eval_max_examples,
+                                                capacity))
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)

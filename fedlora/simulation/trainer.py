@@ -118,15 +118,20 @@ class FederatedModel:
             lora.bank = bank
 
 
-def client_losses(logits: torch.Tensor, labels: torch.Tensor, seg_lens: Sequence[int]) -> torch.Tensor:
-    """Each client's mean next-token loss over its own tokens: [num_clients]."""
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's summed next-token loss (fp32) and its number of targets: ([batch], [batch])."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    tokens = (shift_labels != IGNORE_INDEX)
-    sums = torch.stack([s.sum() for s in torch.split(ce.sum(1), list(seg_lens))])
-    counts = torch.stack([c.sum() for c in torch.split(tokens.sum(1), list(seg_lens))])
+    return ce.sum(1), (shift_labels != IGNORE_INDEX).sum(1)
+
+
+def client_losses(logits: torch.Tensor, labels: torch.Tensor, seg_lens: Sequence[int]) -> torch.Tensor:
+    """Each client's mean next-token loss over its own tokens: [num_clients]."""
+    row_sums, row_tokens = token_loss_sums(logits, labels)
+    sums = torch.stack([s.sum() for s in torch.split(row_sums, list(seg_lens))])
+    counts = torch.stack([c.sum() for c in torch.split(row_tokens, list(seg_lens))])
     return sums / counts.clamp(min=1)
 
 
