@@ -398,6 +398,67 @@ def test_krylov_residuals_are_what_the_estimate_used():
     assert right.norm() <= res.estimates[0] * S.norm() / 2 + 1e-12 * S[0]
 
 
+def _orthonormal_rows(d, m, gen, dtype):
+    return torch.linalg.qr(torch.randn(m, d, generator=gen, dtype=dtype))[0].t().unsqueeze(0)  # [1, d, m]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["fresh", "in_span", "cholesky_fails"])
+def test_extend_basis_paths(case, dtype, monkeypatch):
+    """_extend_basis: X = basis C + N L with N orthonormal and orthogonal to the basis, on each path.
+
+    fresh: a random block, pass 2 removes only rounding, so N^T N = I to ~eps and the re-normalising
+    QR is Cholesky QR (one Householder QR in all, pass 1's). in_span: X lies in the span of a basis
+    of 280 of 300 dimensions (a rank-deficient M's Krylov block); what pass 1 leaves is rounding,
+    which the first QR blows up to unit columns lying ~93 % along the basis, so pass 2 leaves a
+    block far from orthonormal: the third pass and Householder run (two QRs).
+    cholesky_fails: a Cholesky that reports failure falls back to Householder too.
+    Tolerances: Householder and Cholesky QR at cond <= sqrt(3) are orthonormal to ~b eps (b = 16):
+    100 eps leaves room for the GEMMs' rounding; X is rebuilt to ~eps ||X||.
+    """
+    from fedlora.kernels import lowrank as LR
+    gen = torch.Generator().manual_seed(80)
+    m, d, b = 300, 280 if case == "in_span" else 48, 16
+    basis = _orthonormal_rows(d, m, gen, dtype)
+    if case == "in_span":
+        X = basis.transpose(-2, -1) @ torch.randn(1, d, b, generator=gen, dtype=dtype)
+    else:
+        X = torch.randn(1, m, b, generator=gen, dtype=dtype)
+    if case == "cholesky_fails":
+        monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                            lambda A: (A, torch.ones(A.shape[:-2], dtype=torch.int32)))
+    qrs = []
+    real_qr = LR._qr
+    monkeypatch.setattr(LR, "_qr", lambda Y: qrs.append(1) or real_qr(Y))
+    N, C, L = LR._extend_basis(basis, X)
+    eps = torch.finfo(dtype).eps
+    eye = torch.eye(b, dtype=dtype)
+    assert len(qrs) == (1 if case == "fresh" else 2)
+    assert (N.transpose(-2, -1) @ N - eye).abs().max() < 100 * eps
+    assert (basis @ N).abs().max() < 100 * eps
+    rebuilt = basis.transpose(-2, -1) @ C + N @ L
+    assert ((rebuilt - X).norm() / X.norm()).item() < 100 * eps
+
+
+def test_krylov_on_the_reconstructed_matrix_runs_layer_by_layer():
+    """Three layers of one rank group (R = 640 > 384, k = 16: Krylov on the reconstructed matrix, one
+    layer at a time through one buffer): each layer is bit-identical to a call on it alone (seed + l),
+    and within tol of its float64 truncation."""
+    gen = torch.Generator().manual_seed(72)
+    banks, weights = [], []
+    for _ in range(3):
+        banks.append(make_bank([64] * 10, 384, 384, gen))
+        weights.append(random_weights(10, gen))
+    info = {}
+    U, S, V = lowrank_svd(banks, weights, rank=16, method="auto", seed=5, info=info)
+    assert info["method"] == "krylov" and [layer["operator"] for layer in info["krylov"]] == ["dense"] * 3
+    for layer, (bank, w) in enumerate(zip(banks, weights)):
+        alone = lowrank_svd(bank, w, rank=16, method="krylov", seed=5 + layer)
+        assert all(torch.equal(a, b) for a, b in zip((U[layer], S[layer], V[layer]), alone))
+        s_err, t_err = truncation_errors(bank, U[layer], S[layer], V[layer], 16, w)
+        assert s_err < AUTO_TOL and t_err < AUTO_TOL
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_krylov_and_auto_dtypes(dtype):
     """16-bit factors are upcast to fp32 (exact: 16-bit values are fp32 values); fp64 banks

@@ -176,6 +176,32 @@ def test_flexlora_keeps_the_federations_largest_rank_across_rounds():
     assert rel(client_product(f, NAMES[0], 8), best_rank64(weighted_delta64(ups, NAMES[0]), 4)) < 1e-5
 
 
+def test_flexlora_default_in_its_own_regime_is_krylov_to_its_tolerance(monkeypatch):
+    """100 clients of ranks 4..24 on a 384 x 384 module: the total rank (~1300) is past the layer's
+    size, FlexLoRA's regime. The default svd_method ("auto") runs block Krylov there; the kept
+    top-K (K = 24) is the float64 best rank-24 approximation to lowrank_svd's tol = 1e-4 (relative,
+    the bound Krylov certifies on U_K S_K V_K^T), and so is what a rank-K client gets."""
+    import fedlora.strategies.flexlora as flexlora_module
+    real, methods = flexlora_module.ops.lowrank_svd, []
+
+    def spy(*args, **kw):
+        info = {}
+        out = real(*args, info=info, **kw)
+        methods.append(info["method"])
+        return out
+    monkeypatch.setattr(flexlora_module.ops, "lowrank_svd", spy)
+    gen = torch.Generator().manual_seed(13)
+    ranks = [int(r) for r in torch.tensor([4, 8, 16, 24])[torch.randint(0, 4, (100,), generator=gen)]]
+    shapes = {"m": (384, 384)}
+    s = _init(FlexLoRA(), rank=24, shapes=shapes)
+    ups = updates_for(ranks, shapes, seed=7)
+    s.aggregate(ups)
+    assert sum(ranks) > 384 and methods == ["krylov"]
+    best = best_rank64(weighted_delta64(ups, "m"), 24)
+    assert rel(s.global_delta("m"), best) < 1e-4
+    assert rel(client_product(s.distribute(24, "x", alpha=48.0), "m", 24), best) < 1e-4
+
+
 def test_make_strategy_gives_flexlora_the_federations_ranks():
     from fedlora.simulation.config import SimConfig
     from fedlora.simulation.setup import make_strategy

@@ -337,14 +337,14 @@ def _failing_svd(monkeypatch, fail):
     return calls
 
 
-def test_flexlora_svd_falls_back_to_float64_then_dense(monkeypatch):
+@pytest.mark.parametrize("svd_method, asked", [("exact", "factored"), (None, "auto")])  # None: the default
+def test_flexlora_svd_falls_back_to_float64_then_dense(monkeypatch, svd_method, asked):
     ups = updates_for([2, 4, 8])
     for fail, tried in (
-        (lambda dt, m: dt == torch.float32, [(torch.float32, "factored"), (torch.float64, "factored")]),
-        (lambda dt, m: m != "dense", [(torch.float32, "factored"), (torch.float64, "factored"),
-                                      (torch.float64, "dense")]),
+        (lambda dt, m: dt == torch.float32, [(torch.float32, asked), (torch.float64, asked)]),
+        (lambda dt, m: m != "dense", [(torch.float32, asked), (torch.float64, asked), (torch.float64, "dense")]),
     ):
-        s = FlexLoRA()
+        s = FlexLoRA() if svd_method is None else FlexLoRA(svd_method=svd_method)
         s.init_global(SHAPES)
         calls = _failing_svd(monkeypatch, fail)
         res = s.aggregate(ups)
@@ -366,6 +366,6 @@ def test_flexlora_round_where_every_svd_fails_is_rejected_not_fatal(monkeypatch)
     assert not res.changed and s.round == 1
     reason = res.rejected["c0"]
     assert reason.startswith("round not aggregated: aggregation failed: RuntimeError: SVD failed in every precision")
-    assert "float32 factored: LinAlgError" in reason and "float64 dense: LinAlgError" in reason
+    assert "float32 auto: LinAlgError" in reason and "float64 dense: LinAlgError" in reason
     for key, value in before.items():
         assert torch.equal(s._tensors[key], value)

@@ -73,10 +73,13 @@ def _stacked_factors(banks: list[AdapterBank], weights: list[list[float]], idx: 
     return B, A
 
 
-def _dense_stack(banks: list[AdapterBank], weights: list[list[float]], idx: list[int], work: torch.dtype):
-    """dW of banks ``idx`` as [G, m, n], one GEMM per layer into the output (no stacked factor copies)."""
+def _dense_stack(banks: list[AdapterBank], weights: list[list[float]], idx: list[int], work: torch.dtype,
+                 out: torch.Tensor | None = None):
+    """dW of banks ``idx`` as [G, m, n], one GEMM per layer into ``out`` (allocated when None;
+    no stacked factor copies)."""
     first = banks[idx[0]]
-    out = torch.empty(len(idx), first.d_out, first.d_in, dtype=work, device=first.device)
+    if out is None:
+        out = torch.empty(len(idx), first.d_out, first.d_in, dtype=work, device=first.device)
     for j, i in enumerate(idx):
         b = banks[i]  # the scales go on A's rows: a broadcast over rows runs ~2x faster than over columns
         torch.matmul(b.B.detach().to(work), b.A.detach().to(work) * _column_scales(b, weights[i], work)[:, None],
@@ -330,18 +333,30 @@ def _krylov_banks(banks: list[AdapterBank], weights: list[list[float]], work: to
     for idx in _rank_groups(banks):
         R = banks[idx[0]].total_rank
         operator, b, cap = _krylov_plan(R, m, n, rank, block)
-        if operator == "dense":
-            M = _dense_stack(banks, weights, idx, work)
-            op = LR.DenseOperator(M)
-        else:  # views of the banks' factors, the weights applied inside the products
-            op = LR.FactoredOperator([banks[i].B.detach().to(work) for i in idx],
-                                     [banks[i].A.detach().to(work) for i in idx],
-                                     [_column_scales(banks[i], weights[i], work) for i in idx])
         factored_exact = _exact_method(R, m, n) == "factored"
+        if operator == "dense":
+            # One layer at a time, reconstructed into one reused buffer: its matrix (4 MiB at
+            # 1024^2) stays in cache through the layer's products, where G layers in lockstep
+            # stream G of them (1024^2, 4 layers, 100 clients: ~9% less time per call).
+            buffer = None
+            for i in idx:
+                buffer = _dense_stack(banks, weights, [i], work, out=buffer)
 
-        def exact(j: int):  # the cheaper exact method, on what this group already holds
-            if operator == "dense" and not factored_exact:
-                return LR.dense_svd(M[j:j + 1], rank)
+                def exact(j: int, i=i, M=buffer):  # the cheaper exact method, on what this layer already holds
+                    if factored_exact:
+                        return LR.factored_svd(*_stacked_factors(banks, weights, [i], work), rank)
+                    return LR.dense_svd(M, rank)
+
+                U, S, V = _run_krylov(LR.DenseOperator(buffer), operator, cap, [i], rank, tol, b, seed, exact, layers)
+                results[i] = (U[0], S[0], V[0])
+            continue
+        # Views of the banks' factors, the weights applied inside the products; layers in lockstep
+        # (their factors are far larger than any cache, and the steps' small calls are shared).
+        op = LR.FactoredOperator([banks[i].B.detach().to(work) for i in idx],
+                                 [banks[i].A.detach().to(work) for i in idx],
+                                 [_column_scales(banks[i], weights[i], work) for i in idx])
+
+        def exact(j: int):  # the cheaper exact method, from the factors
             B, A = _stacked_factors(banks, weights, [idx[j]], work)
             return LR.factored_svd(B, A, rank) if factored_exact else LR.dense_svd(B @ A, rank)
 
@@ -397,8 +412,12 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, tol, block,
         elif method == "krylov":
             info["krylov"] = [None] * work.shape[0]
             _, b, cap = _krylov_plan(None, m, n, rank, block)
-            U, S, V = _run_krylov(LR.DenseOperator(work), "dense", cap, list(range(work.shape[0])), rank, tol,
-                                  b, seed, lambda j: LR.dense_svd(work[j:j + 1], rank), info["krylov"])
+            out = []
+            for i in range(work.shape[0]):  # one layer at a time, as for banks
+                layer = work[i:i + 1]
+                out.append(_run_krylov(LR.DenseOperator(layer), "dense", cap, [i], rank, tol, b, seed,
+                                       lambda j, layer=layer: LR.dense_svd(layer, rank), info["krylov"]))
+            U, S, V = (torch.cat(t) for t in zip(*out))
         else:
             gens = _generators(seed, range(batch.shape[0]), M.device)
             U, S, V = LR.randomized_svd_dense(work, rank, oversample, n_iter, gens)
