@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="--config GRID.toml runs every cell of the grid (resumable: a rerun continues where it "
                     "stopped); --report DIR rebuilds results.csv, results.md, curves.png and bars.png from DIR's "
                     "finished cells. A grid file has [simulate] (shared settings), [grid] (setting -> list of "
-                    "values; strategy may also be bucket, homogeneous-max) and [benchmark] (output_dir, metric).")
+                    "values; strategy may also be a baseline: bucket, homogeneous-max, or local-only: no "
+                    "federation, each client trains its own adapter and is scored on its own held-out examples; "
+                    "unseen clients, who have none, on the base model) and [benchmark] (output_dir, metric).")
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="the grid file (TOML)")
     what.add_argument("--report", metavar="DIR", help="rebuild the report of the benchmark in DIR")

@@ -43,7 +43,7 @@ def test_grid_expands_every_combination_in_order_with_baselines_resolved(tmp_pat
             f"strategy-homogeneous-max__rank_distribution-uniform__seed-{s}"
         for d in ("uniform", "heavy_tail") for s in (0, 1)}
     assert len(grid.runs()) == 12 - 2
-    assert set(BASELINES) == {"bucket", "homogeneous-max"}
+    assert set(BASELINES) == {"bucket", "homogeneous-max", "local-only"}
 
 
 def test_grid_over_other_fields_and_odd_values(tmp_path):
@@ -229,15 +229,8 @@ def test_base_evaluation_is_shared_by_runs_of_the_same_model_data_and_seed(tmp_p
 def test_a_cell_that_cannot_run_is_listed_and_the_grid_goes_on(tmp_path, capsys):
     from fedlora.cli import main
 
-    from .test_data_sharegpt import write_sharegpt
-
-    data = tmp_path / "conversations.json"
-    write_sharegpt(data)
-    toml = tmp_path / "grid.toml"
     # FedEx-LoRA needs one rank for every client: under uniform ranks 2 / 4 its cell cannot run.
-    toml.write_text(GRID_TOML.format(data=data, out=tmp_path / "bench")
-                    .replace('strategy = ["flexlora", "bucket"]', 'strategy = ["fedexlora", "flexlora"]')
-                    .replace("rounds = 2", "rounds = 1"))
+    toml = one_round_grid(tmp_path, '["fedexlora", "flexlora"]')
     assert main(["benchmark", "--config", str(toml), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "1 cell(s) could not run" in err and "strategy-fedexlora" in err
@@ -296,6 +289,19 @@ strategy = ["flexlora", "bucket"]
 output_dir = "{out}"
 metric = "eval_unseen_loss"
 """
+
+
+def one_round_grid(tmp_path: Path, strategies: str) -> Path:
+    """GRID_TOML over ``strategies`` (a TOML list) for one round on a small ShareGPT file, into tmp_path/bench."""
+    from .test_data_sharegpt import write_sharegpt
+
+    data = tmp_path / "conversations.json"
+    write_sharegpt(data)
+    toml = tmp_path / "grid.toml"
+    toml.write_text(GRID_TOML.format(data=data, out=tmp_path / "bench")
+                    .replace('strategy = ["flexlora", "bucket"]', f"strategy = {strategies}")
+                    .replace("rounds = 2", "rounds = 1"))
+    return toml
 
 
 def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, capsys):

@@ -8,8 +8,12 @@ A grid file (TOML) has three tables:
 
 ``strategy`` values may also name a baseline, which stands for a plain setting
 (``BASELINES``): ``bucket`` (FedAvg with every client at the federation's
-smallest rank: the bucket effect) and ``homogeneous-max`` (FedAvg with every
-client at the largest rank: the upper bound when every client can afford it).
+smallest rank: the bucket effect), ``homogeneous-max`` (FedAvg with every
+client at the largest rank: the upper bound when every client can afford it)
+and ``local-only`` (no federation: the rule ``local``, each client trains its own
+adapter at its own rank in the rounds that sample it; its held-out metrics score
+each client's examples with its own adapter, its unseen metrics are the base
+model's, as unseen clients have no adapter).
 
 Cell ``<name>`` runs in ``<output_dir>/cells/<name>/`` with ``resume = true``:
 a killed grid continues where it stopped, inside the cell it was running.
@@ -40,6 +44,7 @@ from .run import BASE_EVAL_FILE, simulate
 BASELINES: dict[str, dict[str, Any]] = {
     "bucket": {"strategy": "fedavg", "strategy_options": {"heterogeneous": "bucket"}},
     "homogeneous-max": {"strategy": "fedavg", "rank_distribution": "homogeneous"},
+    "local-only": {"strategy": "local"},
 }
 _SLUG = re.compile(r"[^A-Za-z0-9.+-]+")
 # What the base model's evaluation depends on: the model, the data and its partition, the evaluation sets.

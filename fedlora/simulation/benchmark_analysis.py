@@ -127,7 +127,7 @@ def by_rank_tables(cells, ordered) -> str:
     if any(c.config.get("rank_distribution") != c.dist for c in cells):
         notes.append("homogeneous-max trains every client at the largest rank, so its clients have no other rank "
                      "to be grouped by: its rows show –")
-    if any(c.rule == "local-only" for c in cells):
+    if any(c.config.get("strategy") == "local" for c in cells):
         notes.append("local-only scores each client's held-out examples with that client's own adapter (the base "
                      "model for a client never sampled)")
     if any(not finals[id(c)] and c.config.get("rank_distribution") == c.dist for c in cells):

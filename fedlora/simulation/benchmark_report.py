@@ -254,6 +254,11 @@ def markdown(cells: list[CellResult], metric: str) -> str:
             if bases:
                 out.write(f"\nBase model before training: {', '.join(f'{b:.3f}' for b in bases)} "
                           f"(one value per seed's evaluation set).\n")
+        local = _ordered(c.rule for c in members if c.config["strategy"] == "local")
+        if local:
+            out.write(f"\n{', '.join(local)} (no federation): its held-out metrics score each training client's "
+                      "examples with the client's own adapter (the base model for a client no round sampled); "
+                      "unseen clients have no adapter, so its unseen metrics are the base model's.\n")
         rules = _ordered(c.rule for c in members)
         reference = "bucket" if "bucket" in rules else rules[0]
         if len(rules) > 1 and any(c.series(metric) for c in members):

@@ -119,31 +119,23 @@ def by_rank(sums: Sequence[float], tokens: Sequence[int], owners: Sequence[tuple
     return out
 
 
-def heldout_owners(clients: Sequence, budget: int, rank_of: Mapping[str, int]) -> list[tuple[str, int]]:
-    """(client id, its rank) of every held-out example an evaluation scores, in order: the training
-    clients' held-out examples client by client up to ``budget``, as ``eval_sets("heldout", budget)``
-    takes them (counted, not read)."""
-    out: list[tuple[str, int]] = []
-    for client in clients:
-        if budget <= 0:
-            break
-        n = min(len(client.heldout), budget)
-        out += [(client.client_id, rank_of[client.client_id])] * n
-        budget -= n
-    return out
-
-
-def heldout_groups(clients: Sequence, budget: int) -> list[tuple[object, list]]:
-    """(client, its held-out examples) in data order, up to ``budget`` examples in all (as eval_sets)."""
+def heldout_groups(clients: Sequence, budget: int) -> list[tuple[object, int]]:
+    """(client, how many of its held-out examples are scored) in data order, up to ``budget`` examples in
+    all: the clients of ``eval_sets("heldout", budget)``, counted without reading an example."""
     out = []
     for client in clients:
         if budget <= 0:
             break
-        examples = list(client.heldout[:budget])
-        if examples:
-            out.append((client, examples))
-            budget -= len(examples)
+        n = min(len(client.heldout), budget)
+        if n:
+            out.append((client, n))
+            budget -= n
     return out
+
+
+def heldout_owners(clients: Sequence, budget: int, rank_of: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(client id, its rank) of every held-out example an evaluation scores, in order (see heldout_groups)."""
+    return [(c.client_id, rank_of[c.client_id]) for c, n in heldout_groups(clients, budget) for _ in range(n)]
 
 
 def evaluation_size(heldout: Sequence, unseen: Sequence, rouge_sets: Mapping[str, list]) -> int:
@@ -226,7 +218,8 @@ def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_o
     tokens: list[int] = []
     owners: list[tuple[str, int]] = []
     groups = heldout_groups(clients, budget)
-    for client, examples in groups:
+    for client, count in groups:
+        examples = list(client.heldout[:count])
         fm.load_clients([factors_of(client)])
         s, n = example_losses(fm, examples, pad_id, progress=progress)
         sums += s
@@ -240,3 +233,20 @@ def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_o
     if rank_of is not None:
         out[f"{key}_by_rank"] = by_rank(sums, tokens, owners)
     return {**out, "eval_personal_clients": len(groups)}
+
+
+def personal_rouge_l(fm: FederatedModel, strategy: Strategy, groups: Sequence[tuple[float, list, object]], factors_of,
+                     tokenizer, pad_id: int, max_new_tokens: int) -> float:
+    """Rouge-L of each client's own model on its own examples, averaged as :func:`rouge_l` averages clients
+    (by client size). groups: (client size, examples, client) as ``eval_sets`` and heldout_groups pair them."""
+    base = strategy.client_base()
+    fm.set_deltas(merge_parts(base) if base else None)
+    total = weight = 0.0
+    for size, examples, client in groups:
+        fm.load_clients([factors_of(client)])
+        score = rouge_l(fm, tokenizer, [(size, examples)], pad_id, max_new_tokens)
+        if math.isfinite(score):  # a client none of whose examples had a prompt and an answer
+            total += size * score
+            weight += size
+    fm.set_deltas(None)
+    return total / weight if weight else float("nan")

@@ -1,4 +1,5 @@
-"""Each client's personal factors between rounds (the rule's ``personal`` hook: FedSA-LoRA's B), on disk.
+"""Each client's personal factors between rounds (the rule's ``personal`` hook: FedSA-LoRA's B, local-only's
+A and B), on disk.
 
 ``root/<client>/round-NNNN.safetensors`` holds module -> factor tensors (``{module}.lora_B``)
 and a JSON header (client id, round), written atomically after the client trained in round
@@ -80,29 +81,38 @@ def with_personal(factors, client_id: str, round_idx: int, personal, store: Pers
     """A client's starting factors with its own ``personal`` factors in place of the server's.
 
     ``factors``: module -> (A, B, alpha), a personal factor may be None (a Flower node is not sent
-    it). A client without stored factors yet starts its personal factors at PEFT's init for them
-    (B = 0; FedSA-LoRA's only personal factor). A stored factor whose shape differs from the one
-    the client trains now is an error naming it.
+    it). A client without stored factors yet starts a personal B at PEFT's init for it (B = 0;
+    FedSA-LoRA's only personal factor) and a personal A at the A given (local-only: the client's
+    own seeded init). A stored factor whose shape differs from the one the client trains now is
+    an error naming it.
     """
     if not personal:
         return dict(factors)
     if store is None:
         raise ValueError("this rule keeps personal factors per client: the runtime needs a PersonalStore")
-    if set(personal) - {"B"}:
-        raise ValueError(f"personal factors {sorted(personal)}: only B can be kept per client (A is shared)")
+    if set(personal) - {"A", "B"}:
+        raise ValueError(f"personal factors {sorted(personal)}: only A and B can be kept per client")
     stored = store.load(client_id, round_idx) or {}
     out = {}
     for name, (a, b, alpha) in factors.items():
-        d_out = module_shapes[name][0]
-        mine = stored.get(name, {}).get("B")
-        if mine is None:
-            b = torch.zeros(d_out, a.shape[0], dtype=a.dtype, device=a.device)
-        elif tuple(mine.shape) != (d_out, a.shape[0]):
-            raise ValueError(f"client {client_id!r}: its stored B of {name} has shape {tuple(mine.shape)}, but it "
-                             f"trains that module at rank {a.shape[0]} (expected ({d_out}, {a.shape[0]}))")
-        else:
-            b = mine.to(dtype=a.dtype, device=a.device)
-        out[name] = (a, b, alpha)
+        ref = a if a is not None else b  # dtype and device of what the client trains
+        rank = a.shape[0] if a is not None else b.shape[1]
+        d_out, d_in = module_shapes[name]
+        given = {"A": a, "B": b}
+        for factor in personal:
+            want = (rank, d_in) if factor == "A" else (d_out, rank)
+            mine = stored.get(name, {}).get(factor)
+            if mine is None:
+                if factor == "B":
+                    given["B"] = torch.zeros(want, dtype=ref.dtype, device=ref.device)
+                elif a is None:
+                    raise ValueError(f"client {client_id!r}: no A of {name} to start from (none stored, none given)")
+            elif tuple(mine.shape) != want:
+                raise ValueError(f"client {client_id!r}: its stored {factor} of {name} has shape {tuple(mine.shape)}, "
+                                 f"but it trains that module at rank {rank} (expected {want})")
+            else:
+                given[factor] = mine.to(dtype=ref.dtype, device=ref.device)
+        out[name] = (given["A"], given["B"], alpha)
     return out
 
 

@@ -27,7 +27,8 @@ from fedlora.strategies import Strategy
 from . import reporting
 from .checkpoints import Checkpoints, fingerprint, run_defining
 from .config import InputError, SimConfig
-from .evaluation import evaluate_global, evaluate_model, evaluate_personal, evaluation_size, heldout_owners
+from .evaluation import (evaluate_global, evaluate_model, evaluate_personal, evaluation_size, heldout_groups,
+                         heldout_owners, personal_rouge_l)
 from .export import export_peft_adapter
 from .outputs import prepare_output_dir
 from .personal import PersonalStore, with_personal
@@ -178,14 +179,17 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         rouge_sets = {split: data.eval_sets(split, cfg.eval_generate_examples) for split in ("heldout", "unseen")}
     (out / "config.json").write_text(cfg.to_json())
 
-    def evaluate(desc: str, global_of: Strategy | None = None, generate: bool = True) -> dict:
-        """The base model (``global_of`` None) or base + the rule's global update, under a progress bar."""
-        sets = rouge_sets if generate else {}
-        bar = reporting.progress(None, cfg.progress, total=evaluation_size(heldout, unseen, sets), desc=desc,
+    def evaluate(desc: str, global_of: Strategy | None = None, generate: bool = True, splits=("heldout", "unseen")
+                 ) -> dict:
+        """The base model (``global_of`` None) or base + the rule's global update, under a progress bar, on
+        ``splits``."""
+        sets = {k: v for k, v in rouge_sets.items() if k in splits} if generate else {}
+        held = heldout if "heldout" in splits else []
+        bar = reporting.progress(None, cfg.progress, total=evaluation_size(held, unseen, sets), desc=desc,
                                  unit="example", leave=False)
         try:
             if global_of is None:
-                return evaluate_model(fm, None, heldout, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
+                return evaluate_model(fm, None, held, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
                                       progress=bar.update, heldout_ranks=owners)
             return evaluate_global(fm, global_of, heldout, unseen, pad_id, tokenizer, sets, cfg.max_new_tokens,
                                    cfg.log_spectrum, progress=bar.update, heldout_ranks=owners)
@@ -221,14 +225,26 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
             totals[key] += record[key]
         if cfg.eval_every and (number % cfg.eval_every == 0 or number == cfg.rounds):
             generate = number == cfg.rounds or bool(cfg.eval_generate_every and number % cfg.eval_generate_every == 0)
-            record.update(evaluate(f"round {number}: evaluation", strategy, generate))
-            if strategy.personal:  # and each client's own model, as it starts the next round
-                def factors_of(client, next_round=round_idx + 1):
-                    return with_personal(start_factors(cfg, strategy, client.client_id, rank_of[client.client_id]),
-                                         client.client_id, next_round, strategy.personal, personal_store,
-                                         strategy.module_shapes)
+            def factors_of(client, next_round=round_idx + 1):  # a client's own model, as it starts the next round
+                return with_personal(start_factors(cfg, strategy, client.client_id, rank_of[client.client_id]),
+                                     client.client_id, next_round, strategy.personal, personal_store,
+                                     strategy.module_shapes)
+            if strategy.has_global_model:
+                record.update(evaluate(f"round {number}: evaluation", strategy, generate))
+                if strategy.personal:  # and each client's personalised model
+                    record.update(evaluate_personal(fm, strategy, clients, factors_of, pad_id, cfg.eval_max_examples,
+                                                    capacity))
+            else:  # no shared model: unseen clients (no adapter of their own) on the base model, the others on theirs
+                record.update(evaluate(f"round {number}: evaluation", None, generate, splits=("unseen",)))
                 record.update(evaluate_personal(fm, strategy, clients, factors_of, pad_id, cfg.eval_max_examples,
-                                                capacity))
+                                                capacity, key="eval_heldout"))
+                clients_of = heldout_groups(clients, cfg.eval_generate_examples)  # whose examples rouge_sets holds
+                if generate and rouge_sets.get("heldout") and \
+                        [len(e) for _, e in rouge_sets["heldout"]] == [n for _, n in clients_of]:
+                    groups = [(size, examples, client) for (size, examples), (client, _) in
+                              zip(rouge_sets["heldout"], clients_of)]
+                    record["eval_heldout_rougeL"] = personal_rouge_l(fm, strategy, groups, factors_of, tokenizer,
+                                                                     pad_id, cfg.max_new_tokens)
         record["wall_time_s"] = round(time.perf_counter() - t0, 3)
         record.update({f"total_{k}": v for k, v in totals.items()})
         metrics.append(record)
@@ -242,6 +258,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
             return result()
 
     reporting.plot(metrics, out / "metrics.png", base_eval, run_title(cfg, len(clients), ranks))
+    if not strategy.has_global_model:  # each client's adapter stays its own (out/clients), nothing to export
+        return result()
     export_rank = cfg.export_rank or max(ranks)
     return result(export_peft_adapter(strategy, out / "adapter", export_rank, cfg, tokenizer=tokenizer))
 

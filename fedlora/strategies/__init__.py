@@ -9,9 +9,10 @@ from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA, rank_self_pruning_penalty, self_pruned_rank, tail_norm
+from .local import LocalOnly
 from .lorafair import LoRAFAIR
 from .rolora import RoLoRA
 
 __all__ = ["AggregationResult", "FLoRA", "FFALoRA", "FedAvg", "FedExLoRA", "FedSALoRA", "FedSVD", "FlexLoRA",
-           "HetLoRA", "LoRAFAIR", "RoLoRA", "Strategy",
+           "HetLoRA", "LoRAFAIR", "LocalOnly", "RoLoRA", "Strategy",
            "rank_self_pruning_penalty", "registry", "self_pruned_rank", "tail_norm"]

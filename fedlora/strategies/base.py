@@ -22,6 +22,7 @@ differ from the defaults: ``global_rank``/``check_client_ranks`` (how a federati
 ranks map to the global rank), ``client_base`` (a delta clients fold beside their
 frozen base), ``trainable_at``/``uploaded_at`` (the factors clients train and send back
 in a round: RoLoRA alternates), ``personal`` (factors each client keeps across rounds),
+``has_global_model`` (False: no shared model, each client is evaluated with its own),
 ``_served_rank``/``_rank_check``/``_check_update``. Code outside
 ``fedlora.strategies`` talks to rules only through these public methods, never
 through a type check on a concrete rule; :mod:`fedlora.strategies.registry` maps
@@ -98,6 +99,9 @@ class Strategy(abc.ABC):
     name = "strategy"
     trainable: tuple[str, ...] = ("A", "B")  # which factors clients train (every round unless trainable_at says)
     personal: tuple[str, ...] = ()  # factors each client keeps to itself across rounds (FedSA-LoRA: B)
+    # False when the rule builds no model shared by clients (local-only): each training client's held-out
+    # examples are then scored with its own model, unseen clients with the base model; nothing is exported.
+    has_global_model: bool = True
     # Where a server optimizer acts: "factors" (the global factors, _server_params), "delta" (the
     # global weight update as parts, _pseudo_gradient/_apply_step), or None (the rule admits none).
     server_opt_space: str | None = None

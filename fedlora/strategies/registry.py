@@ -21,12 +21,13 @@ from .ffalora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .local import LocalOnly
 from .lorafair import LoRAFAIR
 from .rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FFALoRA, HetLoRA, FlexLoRA, FLoRA,
                                                                    RoLoRA, FedExLoRA, FedSVD,
-                                                                   LoRAFAIR, FedSALoRA)}
+                                                                   LoRAFAIR, FedSALoRA, LocalOnly)}
 
 # Settings every run passes itself (from SimConfig), so they are not strategy_options.
 RUN_SETTINGS = ("use_rslora", "seed", "dtype", "device")

@@ -39,14 +39,14 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedlora.federated.update import atomic_write
 from fedlora.simulation import reporting
-from fedlora.simulation.config import SimConfig
+from fedlora.simulation.config import InputError, SimConfig
 from fedlora.simulation.export import export_peft_adapter
 from fedlora.simulation.corrections import control_bytes
 from fedlora.simulation.round import (aggregate_round, base_bytes, factor_bytes, round_record, sample,
                                       sampling_note, served_rank, served_ranks, start_factors, start_ranks,
                                       upload_bytes)
 from fedlora.simulation.setup import make_strategy, model_module_shapes
-from fedlora.strategies import Strategy
+from fedlora.strategies import Strategy, registry
 
 from .config import FlowerSettings
 from .grid import DepartureAwareGrid
@@ -117,6 +117,9 @@ class FedLoRAStrategy(FlowerStrategy):
         model only the nodes hold, a GGUF file not converted on this machine), the first usable
         profile defines them, as a log line says.
         """
+        if not registry.lookup(cfg.strategy).has_global_model:
+            raise InputError(f"config: strategy {cfg.strategy!r} shares nothing between clients, so there is no "
+                             "federation to run on Flower; run it with fedlora simulate")
         try:
             model_shapes = model_module_shapes(cfg)
             why = "its config is not at hand without converting the GGUF file first"
