@@ -230,11 +230,12 @@ def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor, last: int = 
     ill-conditioned), pass 2 runs against the whole basis on the *normalised* block: it
     removes what rounding put along the older blocks (and, when X lay (nearly) in the
     basis' span, the noise the QR amplified to unit columns). After pass 2 the block is
-    re-normalised by :func:`_renormalise`.
+    re-normalised by :func:`_renormalise`. Fourth output: None where N is orthogonal to
+    the basis by construction, else [G] the largest |basis^T N| entry (see there).
     """
     if basis_rows is None:
         N, L = _qr(X)
-        return N, None, L
+        return N, None, L, None
     d = basis_rows.shape[-2]
     head = basis_rows if not last or last >= d else basis_rows[:, d - last:]
     C = head @ X
@@ -242,8 +243,8 @@ def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor, last: int = 
     if head is not basis_rows:
         C = torch.cat([C.new_zeros(C.shape[0], d - last, C.shape[-1]), C], dim=-2)
     C2 = basis_rows @ N
-    N, C2, L2 = _renormalise(N - _times_basis(C2, basis_rows), C2, basis_rows)
-    return N, C + C2 @ L, L2 @ L
+    N, C2, L2, lost = _renormalise(N - _times_basis(C2, basis_rows), C2, basis_rows)
+    return N, C + C2 @ L, L2 @ L, lost
 
 
 # Pass 2 leaves N = N1 - basis C2 with N1 orthonormal, so N^T N = I - C2^T C2 in exact
@@ -254,12 +255,19 @@ def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor, last: int = 
 # 2015, CholeskyQR2). That is the normal case: pass 2 only removes rounding. Otherwise
 # (noise blocks of a rank-deficient M, whose components along the basis the first QR
 # amplified) N can be arbitrarily ill-conditioned: a third pass where pass 2 cancelled
-# more than half of a column, then Householder.
+# more than half of a column, then Householder. That still fails when a column was nothing
+# but rounding lying in the basis' span (a Krylov space that has outgrown rank(M), e.g.
+# d > R: a whole block with no new direction), whose normalisation blows the rounding back
+# up to O(1) components along the basis. So that path measures what it returns: a layer
+# whose block is further than LOST_ORTHOGONALITY_EPS x eps from orthogonal to its basis
+# stops, unconverged, and the caller's exact method answers.
 CHOLESKY_QR_MAX_DEVIATION = 0.5
+LOST_ORTHOGONALITY_EPS = 64
 
 
 def _renormalise(N: torch.Tensor, C2: torch.Tensor, basis_rows: torch.Tensor):
-    """(N', C2', L2) with N = N' L2 - basis (C2' - C2), N' orthonormal: the QR after pass 2."""
+    """(N', C2', L2, lost) with N = N' L2 - basis (C2' - C2), N' orthonormal: the QR after pass 2;
+    lost: None (Cholesky QR, orthogonal to the basis by construction) or [G] max |basis N'|."""
     gram = N.transpose(-2, -1) @ N
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     if (gram - eye).norm(dim=(-2, -1)).max().item() <= CHOLESKY_QR_MAX_DEVIATION:
@@ -269,13 +277,13 @@ def _renormalise(N: torch.Tensor, C2: torch.Tensor, basis_rows: torch.Tensor):
             # N L2^-1 through the explicit b x b inverse: one GEMM (a triangular solve with many
             # rows runs ~5x slower in BLAS), and as accurate as the solve at cond(L2) <= sqrt(3).
             inverse = torch.linalg.solve_triangular(L2, eye.expand_as(L2), upper=True)
-            return N @ inverse, C2, L2
+            return N @ inverse, C2, L2, None
     if bool((gram.diagonal(dim1=-2, dim2=-1) < 0.25).any()):
         C3 = basis_rows @ N
         N = N - _times_basis(C3, basis_rows)
         C2 = C2 + C3
     N, L2 = _qr(N)
-    return N, C2, L2
+    return N, C2, L2, (basis_rows @ N).abs().amax(dim=(-2, -1))
 
 
 def _times_basis(C: torch.Tensor, basis_rows: torch.Tensor) -> torch.Tensor:
@@ -368,17 +376,21 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
     Bm = torch.empty(G, d_cap, d_cap, dtype=torch.float64, device=device)
     P0 = torch.linalg.qr(omega)[0]
     Pt[:, :b] = P0.transpose(-2, -1)
-    Qb, _, R = _extend_basis(None, op.matmul(P0))
+    Qb, _, R, _ = _extend_basis(None, op.matmul(P0))
     Qt[:, :b] = Qb.transpose(-2, -1)
     Bm[:, :b, :b] = R.double()
     d, next_check = b, d_need
+    lost_limit = LOST_ORTHOGONALITY_EPS * torch.finfo(dtype).eps
+    broken: set[int] = set()  # positions in active whose basis lost orthogonality: they stop unconverged
     while active:
         X = op.rmatmul(Qt[:, d - b:d].transpose(-2, -1))
-        Pn, C, L = _extend_basis(Pt[:, :d], X, last=b)
+        Pn, C, L, lost = _extend_basis(Pt[:, :d], X, last=b)
+        broken |= _lost(lost, lost_limit)
         Bm[:, d - b:d, :d] = C.transpose(-2, -1).double()
         last = d + b > d_cap
-        if d >= next_check or last:
-            done = _check(Bm[:, :d, :d], L, k, d, b, short, tol, last, history, active)
+        if d >= next_check or last or broken:
+            done = _check(Bm[:, :d, :d], L, k, d, b, short, tol, last, history, active, broken)
+            broken = set()
             next_check = _next_check(history, [g for j, g in enumerate(active) if j not in done], d, b, tol)
             keep = [j for j in range(len(active)) if j not in done]
             for j, (theta, Ut) in done.items():
@@ -397,7 +409,8 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
         if last:
             break
         Pt[:, d:d + b] = Pn.transpose(-2, -1)
-        Qn, C, R = _extend_basis(Qt[:, :d], op.matmul(Pn), last=b)
+        Qn, C, R, lost = _extend_basis(Qt[:, :d], op.matmul(Pn), last=b)
+        broken |= _lost(lost, lost_limit)
         Bm[:, :d, d:d + b] = C.double()
         Bm[:, d:d + b, d:d + b] = R.double()
         Qt[:, d:d + b] = Qn.transpose(-2, -1)
@@ -405,14 +418,19 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
     return KrylovResult(*fix_signs(U_out, S_out, V_out), converged, dims, estimates)
 
 
+def _lost(lost: torch.Tensor | None, limit: float) -> set[int]:
+    return set() if lost is None else set(torch.nonzero(lost > limit).flatten().tolist())
+
+
 def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int, tol: float, last: bool,
-           history: list, active: list[int]):
+           history: list, active: list[int], broken: set[int] = frozenset()):
     """Ritz values and residuals of every active layer; decides who stops and when to look next.
 
     Returns {position in active: (theta, U~) if converged else (None, None)} for the
-    layers that stop: converged, or unconverged when this is the last allowed step or
-    when the estimate fails to halve over two checks once below 1e-3 (stagnation at the
-    rounding floor); every active layer's estimate is appended to its history.
+    layers that stop: converged, or unconverged when this is the last allowed step, when
+    their basis lost orthogonality (``broken``), or when the estimate fails to halve over
+    two checks once below 1e-3 (stagnation at the rounding floor); every active layer's
+    estimate is appended to its history.
     """
     theta, Ut = torch.linalg.eigh(Bd @ Bd.transpose(-2, -1))
     # Descending, and only the columns the rule reads: the Ritz pairs up to index c.
@@ -425,7 +443,9 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
         estimate = est[j].item()
         hist = history[g]
         hist.append((d, estimate))
-        if _certified(estimate, eps) <= tol and d >= min(k + 1, short):
+        if j in broken:
+            done[j] = (None, None)
+        elif _certified(estimate, eps) <= tol and d >= min(k + 1, short):
             done[j] = (theta[j], Ut[j])
         elif last or (len(hist) >= 3 and estimate < 1e-3 and estimate > 0.5 * hist[-3][1]):
             done[j] = (None, None)

@@ -430,14 +430,46 @@ def test_extend_basis_paths(case, dtype, monkeypatch):
     qrs = []
     real_qr = LR._qr
     monkeypatch.setattr(LR, "_qr", lambda Y: qrs.append(1) or real_qr(Y))
-    N, C, L = LR._extend_basis(basis, X)
+    N, C, L, lost = LR._extend_basis(basis, X)
     eps = torch.finfo(dtype).eps
     eye = torch.eye(b, dtype=dtype)
     assert len(qrs) == (1 if case == "fresh" else 2)
+    # Cholesky QR is orthogonal to the basis by construction; the Householder path measures it.
+    assert lost is None if case == "fresh" else lost.item() < LR.LOST_ORTHOGONALITY_EPS * eps
     assert (N.transpose(-2, -1) @ N - eye).abs().max() < 100 * eps
     assert (basis @ N).abs().max() < 100 * eps
     rebuilt = basis.transpose(-2, -1) @ C + N @ L
     assert ((rebuilt - X).norm() / X.norm()).item() < 100 * eps
+
+
+def test_extend_basis_flags_a_block_with_no_new_direction():
+    """X inside the span of a basis of coordinate vectors: what the projections leave is rounding
+    that lies in the span itself (as when a Krylov space outgrows rank(M) and M's products lie in
+    range(M) to the last bit), so no amount of re-projection and normalising makes it orthogonal.
+    _extend_basis must say so (lost above the limit), not return it as orthonormal."""
+    from fedlora.kernels import lowrank as LR
+    gen = torch.Generator().manual_seed(81)
+    m, d, b = 200, 64, 16
+    basis = torch.eye(m)[torch.randperm(m, generator=gen)[:d]].unsqueeze(0)  # [1, d, m] orthonormal rows
+    X = basis.transpose(-2, -1) @ torch.randn(1, d, b, generator=gen)
+    N, C, L, lost = LR._extend_basis(basis, X)
+    assert lost.item() > LR.LOST_ORTHOGONALITY_EPS * torch.finfo(torch.float32).eps
+
+
+def test_krylov_space_past_rank_falls_back_instead_of_a_wrong_answer():
+    """Two clients (R = 93) at 221 x 127, k = 1, block 32: the third block finds no new direction in
+    range(M) for 3 of its columns. Before the orthogonality check this "converged" with S 0.3 % and
+    the product 9 % off (found by hypothesis); now the layer stops unconverged and the exact method
+    answers."""
+    gen = torch.Generator().manual_seed(0)
+    bank = make_bank(torch.randint(1, 65, (2,), generator=gen).tolist(), 127, 221, gen)
+    w = random_weights(2, gen)
+    assert bank.total_rank == 93
+    info = {}
+    U, S, V = lowrank_svd(bank, w, rank=1, method="krylov", seed=0, info=info)
+    assert not info["krylov"][0]["converged"]
+    s_err, t_err = truncation_errors(bank, U, S, V, 1, w)
+    assert s_err < FP32_TOL and t_err < FP32_TOL
 
 
 def test_krylov_on_the_reconstructed_matrix_runs_layer_by_layer():
