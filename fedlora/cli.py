@@ -82,8 +82,15 @@ def _simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _benchmark(args: argparse.Namespace) -> int:
-    """A grid of simulate runs (--config), or the tables and plots of a finished one rebuilt (--report)."""
+    """A grid of simulate runs (--config), the tables and plots of a finished one rebuilt (--report), or its
+    runs' held-out loss by client rank scored from their final checkpoints (--per-client)."""
     import logging
 
     from fedlora.simulation.benchmark import Grid, run_grid
@@ -91,7 +98,14 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.report is not None:
+        if args.max_examples is not None and args.per_client is None:
+            raise ValueError("--max-examples goes with --per-client DIR")
+        if args.per_client is not None:
+            from fedlora.simulation.benchmark_per_client import evaluate_benchmark
+
+            evaluate_benchmark(args.per_client, args.max_examples)
+            paths = write_report(args.per_client, metric=args.metric)
+        elif args.report is not None:
             paths = write_report(args.report, metric=args.metric)
         else:
             grid = Grid.load(args.config, output_dir=args.output_dir)
@@ -107,7 +121,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         print(f"fedlora benchmark: {exc}", file=sys.stderr)
         return 2
     print("report: " + (", ".join(str(p) for p in paths.values()) or "none yet (no finished cell)"))
-    if args.report is None:
+    if args.config is not None:
         failed = json.loads((grid.output_dir / FAILED_FILE).read_text())
         if failed:
             print(f"fedlora benchmark: {len(failed)} cell(s) could not run (results.md lists why): "
@@ -162,13 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", help="a grid of simulate runs (rules x rank distributions x seeds ...) with tables and plots",
         description="--config GRID.toml runs every cell of the grid (resumable: a rerun continues where it "
                     "stopped); --report DIR rebuilds results.csv, results.md, curves.png and bars.png from DIR's "
-                    "finished cells. A grid file has [simulate] (shared settings), [grid] (setting -> list of "
+                    "finished cells; --per-client DIR [--max-examples N] scores each finished run's held-out "
+                    "examples by client rank from its final checkpoint and adds the table to the report. A grid file has [simulate] (shared settings), [grid] (setting -> list of "
                     "values; strategy may also be a baseline: bucket, homogeneous-max, or local-only: no "
                     "federation, each client trains its own adapter and is scored on its own held-out examples; "
                     "unseen clients, who have none, on the base model) and [benchmark] (output_dir, metric).")
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="the grid file (TOML)")
     what.add_argument("--report", metavar="DIR", help="rebuild the report of the benchmark in DIR")
+    what.add_argument("--per-client", metavar="DIR",
+                      help="score each finished run of the benchmark in DIR from its final checkpoint: held-out "
+                           "loss by client rank of the base model, the global model and the model each client "
+                           "receives at its rank (per_client.json in each run's folder), then rebuild the report")
+    bench.add_argument("--max-examples", type=_positive_int, metavar="N",
+                       help="with --per-client: how many held-out examples to score (default: each run's "
+                            "eval_max_examples)")
     bench.add_argument("--output-dir", help="where the cells go (default: [benchmark] output_dir of the grid)")
     bench.add_argument("--metric", help="the tables' and plots' metric, e.g. eval_heldout_ppl, eval_unseen_loss")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars (one line per cell and round)")

@@ -142,9 +142,65 @@ def _mean_std(vals: list[float], signed: bool = False) -> str:
     return text + (f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "")
 
 
+MODELS = {"global": "global model", "received": "what the client receives"}
+
+
+def per_client_tables(cells, ordered) -> str:
+    """``fedlora benchmark --per-client``'s scores (per_client.json): held-out perplexity by client rank of
+    the base model, the global model and the model each client receives at its rank, mean over seeds,
+    and what each rule's clients receive minus what bucket's receive on the same seed."""
+    scored = [c for c in cells if c.per_client]
+    if not scored:
+        return ""
+    budgets = sorted({c.per_client["max_examples"] for c in scored})
+    out = []
+    for dist in ordered(c.dist for c in scored):
+        members = [c for c in scored if c.dist == dist]
+        ranks = sorted({int(r) for c in members for m in ("base", *MODELS) for r in c.per_client.get(m, {})
+                        .get("by_rank", {})})
+
+        def ppl(c, model, r):
+            group = c.per_client.get(model, {}).get("by_rank", {}).get(str(r))
+            return None if group is None else group["ppl"]
+
+        def row(label, values_at) -> str:
+            return f"| {label} | " + " | ".join(_mean_std([v for v in values_at(r) if v is not None])
+                                                for r in ranks) + " |\n"
+
+        seeds = {c.seed: c for c in members}  # the base model is the same for every rule of a seed
+        lines = [row("base model", lambda r: [ppl(c, "base", r) for c in seeds.values()])]
+        for rule in ordered(c.rule for c in members):
+            own = [c for c in members if c.rule == rule]
+            for model, name in MODELS.items():
+                if any(model in c.per_client for c in own):
+                    lines.append(row(f"{rule}: {name}", lambda r: [ppl(c, model, r) for c in own]))
+        header = "| model | " + " | ".join(f"rank {r}" for r in ranks) + " |\n|---|" + "---|" * len(ranks) + "\n"
+        out.append(f"\n### Held-out perplexity by client rank after the last round, ranks: {dist} (fedlora benchmark "
+                   "--per-client, mean ± std over seeds)\n\n" + header + "".join(lines))
+        bucket = {c.seed: c for c in members if c.rule == "bucket"}
+        paired = []
+        for rule in [r for r in ordered(c.rule for c in members) if r != "bucket"]:
+            entries = []
+            for r in ranks:
+                diffs = [ppl(c, "received", r) - ppl(bucket[c.seed], "received", r) for c in members
+                         if c.rule == rule and c.seed in bucket and ppl(c, "received", r) is not None
+                         and ppl(bucket[c.seed], "received", r) is not None]
+                entries.append(_mean_std(diffs, signed=True)
+                               + (f" ({sum(d < 0 for d in diffs)}/{len(diffs)} better)" if diffs else ""))
+            paired.append(f"| {rule} | " + " | ".join(entries) + " |\n")
+        if bucket and paired:
+            out.append(f"\n### What the clients receive, ranks: {dist}: each rule minus bucket on the same seed\n\n"
+                       + header.replace("| model |", "| rule |") + "".join(paired))
+    return ("".join(out) + f"\nScored on up to {', '.join(map(str, budgets))} held-out examples of the training "
+            "clients, each client's examples under the rank this column's distribution assigns it (homogeneous-max "
+            "included: every client trained at the largest rank). What a client receives: the rule's starting "
+            "factors at its rank for the next round (FlexLoRA: its rank-r truncation; bucket: the smallest rank; "
+            "FedSA-LoRA and local-only: its own factors).\n")
+
+
 def markdown_sections(cells, ordered) -> str:
     """The breakdown and spectrum tables (empty when nothing of it was recorded)."""
-    parts = [by_rank_tables(cells, ordered)]
+    parts = [by_rank_tables(cells, ordered), per_client_tables(cells, ordered)]
     breakdown = rank_breakdown(cells)
     if breakdown:
         ranks = sorted({r for by in breakdown.values() for r in by})

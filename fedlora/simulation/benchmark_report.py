@@ -29,6 +29,7 @@ from .run import BASE_EVAL_FILE
 CELL_FILE = "cell.json"  # written last by a finished run of the grid
 GRID_FILE = "grid.json"  # the grid's settings and its cells in order
 FAILED_FILE = "failed.json"  # run -> why its settings could not run, from the grid's last pass
+PER_CLIENT_FILE = "per_client.json"  # fedlora benchmark --per-client: a run's held-out loss by client rank
 DEFAULT_METRIC = "eval_heldout_ppl"
 REPORT_FILES = {"csv": "results.csv", "md": "results.md", "curves": "curves.png", "bars": "bars.png",
                 "spectrum": "spectrum.png"}  # the last only when the cells logged spectra (log_spectrum)
@@ -47,6 +48,7 @@ class CellResult:
     metrics: list[dict]
     base: dict = field(default_factory=dict)
     round_time_s: float = float("nan")
+    per_client: dict | None = None  # this cell's entry of its run's per_client.json, with max_examples, or None
 
     @property
     def rule(self) -> str:
@@ -111,9 +113,13 @@ def load_cells(output_dir: str | Path) -> list[CellResult]:
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
         base = _read_json(folder / BASE_EVAL_FILE, "base evaluation") if (folder / BASE_EVAL_FILE).is_file() \
             else {}
+        scored = _read_json(folder / PER_CLIENT_FILE, "per-client record") if (folder / PER_CLIENT_FILE).is_file() \
+            else {}
         for label in record["labels"]:
+            mine = scored.get("cells", {}).get(label["cell"])
             cells.append(CellResult(label["cell"], record["name"], label["values"], record["config"], metrics, base,
-                                    record.get("round_time_s", float("nan"))))
+                                    record.get("round_time_s", float("nan")),
+                                    None if mine is None else {**mine, "max_examples": scored.get("max_examples")}))
     order = _grid_order(root)
     if order:
         rank = {name: i for i, name in enumerate(order)}

@@ -212,27 +212,32 @@ def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_o
     ``key``: the metrics' prefix (a rule without a global model reports these as ``eval_heldout``);
     with ``rank_of`` also ``{key}_by_rank`` (see :func:`by_rank`).
     """
-    base = strategy.client_base()
-    fm.set_deltas(merge_parts(base) if base else None)
-    sums: list[float] = []
-    tokens: list[int] = []
-    owners: list[tuple[str, int]] = []
     groups = heldout_groups(clients, budget)
-    for client, count in groups:
-        examples = list(client.heldout[:count])
-        fm.load_clients([factors_of(client)])
-        s, n = example_losses(fm, examples, pad_id, progress=progress)
-        sums += s
-        tokens += n
-        if rank_of is not None:
-            owners += [(client.client_id, rank_of[client.client_id])] * len(examples)
-    fm.set_deltas(None)
+    sums, tokens = own_model_losses(fm, strategy, groups, factors_of, pad_id, progress)
     if not sum(tokens):
         return {}
     out = {f"{key}_{k}": v for k, v in loss_entry(math.fsum(sums), sum(tokens)).items()}
     if rank_of is not None:
+        owners = [(c.client_id, rank_of[c.client_id]) for c, n in groups for _ in range(n)]
         out[f"{key}_by_rank"] = by_rank(sums, tokens, owners)
     return {**out, "eval_personal_clients": len(groups)}
+
+
+def own_model_losses(fm: FederatedModel, strategy: Strategy, groups: Sequence[tuple[object, int]], factors_of,
+                     pad_id: int, progress: Callable[[int], object] | None = None) -> tuple[list[float], list[int]]:
+    """:func:`example_losses` of each client's first ``n`` held-out examples ((client, n) of ``groups``) under
+    its own model: the rule's ``client_base()`` plus the factors ``factors_of(client)``."""
+    base = strategy.client_base()
+    fm.set_deltas(merge_parts(base) if base else None)
+    sums: list[float] = []
+    tokens: list[int] = []
+    for client, count in groups:
+        fm.load_clients([factors_of(client)])
+        s, n = example_losses(fm, list(client.heldout[:count]), pad_id, progress=progress)
+        sums += s
+        tokens += n
+    fm.set_deltas(None)
+    return sums, tokens
 
 
 def personal_rouge_l(fm: FederatedModel, strategy: Strategy, groups: Sequence[tuple[float, list, object]], factors_of,

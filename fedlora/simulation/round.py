@@ -78,6 +78,14 @@ def start_factors(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int)
                                alpha={n: lora_alpha(cfg, r) for n, r in per_module.items()})
 
 
+def client_start(cfg: SimConfig, strategy: Strategy, client_id: str, rank: int, round_idx: int,
+                 personal_store: PersonalStore | None):
+    """What a client of ``rank`` trains from in round ``round_idx`` (from 0): :func:`start_factors` with its own
+    ``strategy.personal`` factors from ``personal_store`` in place of the server's."""
+    return with_personal(start_factors(cfg, strategy, client_id, rank), client_id, round_idx, strategy.personal,
+                         personal_store, strategy.module_shapes)
+
+
 def served_rank(factors) -> int:
     """A client's rank as served: its largest module rank (FedAvg's bucket mode may serve less than asked)."""
     return max(a.shape[0] for a, _, _ in factors.values())
@@ -254,8 +262,7 @@ def run_round(cfg: SimConfig, round_idx: int, fm: FederatedModel, strategy: Stra
     ids = [c.client_id for c in sampled]
     own = {cid: load_controls(control_store, cid, round_idx) for cid in ids} if cfg.scaffold else {}
     ranks = [rank_of[c] for c in ids]
-    starts = [with_personal(start_factors(cfg, strategy, cid, r), cid, round_idx, strategy.personal, personal_store,
-                            strategy.module_shapes) for cid, r in zip(ids, ranks)]
+    starts = [client_start(cfg, strategy, cid, r, round_idx, personal_store) for cid, r in zip(ids, ranks)]
     fm.load_clients(starts)
     base = strategy.client_base()
     fm.set_deltas(merge_parts(base) if base else None)

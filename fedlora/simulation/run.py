@@ -31,8 +31,8 @@ from .evaluation import (evaluate_global, evaluate_model, evaluate_personal, eva
                          heldout_owners, personal_rouge_l)
 from .export import export_peft_adapter
 from .outputs import prepare_output_dir
-from .personal import PersonalStore, with_personal
-from .round import UpdateHook, local_steps, num_sampled, run_round, sample, sampling_note, start_factors
+from .personal import PersonalStore
+from .round import UpdateHook, client_start, local_steps, num_sampled, run_round, sample, sampling_note
 from .setup import Federation, make_strategy, model_label, setup_run
 
 BASE_EVAL_FILE = "base_eval.json"  # the base model's metrics: round 0 of every curve
@@ -105,6 +105,21 @@ def check_same_run(state: dict, identity: dict, cfg: SimConfig, out: Path) -> No
                          f"rounds = {cfg.rounds}")
 
 
+def run_identity(cfg: SimConfig, data: Federation | None = None) -> dict:
+    """What a checkpoint must have been written by: the run's settings and its data's content."""
+    return {"config": cfg.to_dict(), "data": data_fingerprint(cfg, data)}
+
+
+def restore(cfg: SimConfig, out: Path, strategy: Strategy, identity: dict) -> dict | None:
+    """The state after the newest intact checkpoint of the run in ``out``, its strategy loaded into ``strategy``
+    and checked to be this run (``identity``, :func:`check_same_run`); None when it has no checkpoint. What
+    ``resume`` continues from, and what ``fedlora benchmark --per-client`` evaluates."""
+    state = Checkpoints(out).load(strategy)
+    if state is not None:
+        check_same_run(state, identity, cfg, out)
+    return state
+
+
 def run_title(cfg: SimConfig, num_clients: int, ranks: list[int]) -> str:
     """What the plot says was run: rule, model, data, clients and ranks."""
     model = Path(cfg.model).name if isinstance(cfg.model, str) else model_label(cfg.model)
@@ -132,7 +147,7 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         cfg = SimConfig.from_dict(cfg)
     cfg.validate()
     out = prepare_output_dir(cfg)  # refuses a folder holding another run before anything loads
-    identity = {"config": cfg.to_dict(), "data": data_fingerprint(cfg, data)}  # of the file as it is read
+    identity = run_identity(cfg, data)  # of the file as it is read
     run = setup_run(cfg, data)
     fm, tokenizer, pad_id, data, clients, ranks = run.fm, run.tokenizer, run.pad_id, run.data, run.clients, run.ranks
     rank_of = run.rank_of
@@ -149,11 +164,10 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
     personal_store = PersonalStore(out / "clients") if strategy.personal else None
     start_round = 0
     if cfg.resume:
-        state = checkpoints.load(strategy)
+        state = restore(cfg, out, strategy, identity)
         if state is None:
             reporting.note(f"nothing to resume in {out} (no checkpoint): starting at round 1")
         else:
-            check_same_run(state, identity, cfg, out)
             start_round, metrics, totals = state["next_round"], state["metrics"], {**totals, **state["totals"]}
             client_state = state.get("client_state", {})
             rank_of.update(state.get("client_ranks", {}))
@@ -226,9 +240,8 @@ def simulate(cfg: SimConfig | dict | None = None, *, update_hook: UpdateHook | N
         if cfg.eval_every and (number % cfg.eval_every == 0 or number == cfg.rounds):
             generate = number == cfg.rounds or bool(cfg.eval_generate_every and number % cfg.eval_generate_every == 0)
             def factors_of(client, next_round=round_idx + 1):  # a client's own model, as it starts the next round
-                return with_personal(start_factors(cfg, strategy, client.client_id, rank_of[client.client_id]),
-                                     client.client_id, next_round, strategy.personal, personal_store,
-                                     strategy.module_shapes)
+                return client_start(cfg, strategy, client.client_id, rank_of[client.client_id], next_round,
+                                    personal_store)
             if strategy.has_global_model:
                 record.update(evaluate(f"round {number}: evaluation", strategy, generate))
                 if strategy.personal:  # and each client's personalised model
