@@ -14,7 +14,7 @@ from .test_benchmark import one_round_grid
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("perclient")
-    toml = one_round_grid(tmp, '["flexlora", "homogeneous-max"]')
+    toml = one_round_grid(tmp, '["flexlora", "homogeneous-max", "local-only"]')
     toml.write_text(toml.read_text().replace("[benchmark]", 'rank_distribution = ["uniform"]\n\n[benchmark]'))
     assert main(["benchmark", "--config", str(toml), "--no-progress"]) == 0
     return tmp / "bench"
@@ -41,6 +41,12 @@ def test_scores_from_the_checkpoint_equal_the_runs_own_evaluation(bench, capsys)
             assert cell["global"]["by_rank"] == metrics[-1]["eval_heldout_by_rank"]
             assert cell["base"]["by_rank"] == base["eval_heldout_by_rank"]
             flex = cell
+    folder, metrics, _ = _run(bench, "local-only")
+    local = json.loads((folder / "per_client.json").read_text())["cells"][folder.name]
+    # no global model; what each client receives is its own adapter, as the run scored it (same examples, same
+    # client-by-client passes, the factors it stored after its last round)
+    assert "global" not in local and local["received"]["loss"] == metrics[-1]["eval_heldout_loss"]
+    assert local["received"]["by_rank"] == metrics[-1]["eval_heldout_by_rank"]
     homo = json.loads((_run(bench, "homogeneous-max")[0] / "per_client.json").read_text())["cells"]
     homo = homo["strategy-homogeneous-max__rank_distribution-uniform"]
     # homogeneous-max trained everyone at rank 4 but is grouped by the uniform distribution's ranks, as flexlora is
@@ -53,12 +59,12 @@ def test_scores_from_the_checkpoint_equal_the_runs_own_evaluation(bench, capsys)
     md = (bench / "results.md").read_text()
     table = md.split("Held-out perplexity by client rank after the last round, ranks: uniform")[1].split("###")[0]
     for row in ("| base model |", "| flexlora: global model |", "| flexlora: what the client receives |",
-                "| homogeneous-max: global model |"):
+                "| homogeneous-max: global model |", "| local-only: what the client receives |"):
         assert row in table and "–" not in table.split(row)[1].split("\n")[0], row
     assert "Scored on up to 4 held-out examples" in md
     capsys.readouterr()
     assert main(["benchmark", "--per-client", str(bench)]) == 0  # scored already with this budget: skipped
-    assert capsys.readouterr().out.count("there already for this budget") == 2
+    assert capsys.readouterr().out.count("there already for this budget") == 3
 
 
 def test_a_larger_budget_scores_again_and_bad_arguments_are_refused(bench, capsys):
