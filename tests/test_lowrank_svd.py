@@ -398,6 +398,29 @@ def test_krylov_residuals_are_what_the_estimate_used():
     assert right.norm() <= res.estimates[0] * S.norm() / 2 + 1e-12 * S[0]
 
 
+@pytest.mark.parametrize("path", ["onednn", "matmul"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rows_times_matches_float64(path, dtype, transposed, monkeypatch):
+    """x @ W^T for the Krylov products, through oneDNN (CPU fp32) or torch.matmul, against float64.
+    fp32 GEMM rounding: |error| <= p eps sum_j |x_j w_j| (inner length p = 700); 4 sqrt(p) eps of
+    the float64 norm bounds the random-sign case by a wide margin, and a bf16 (8-bit mantissa) or
+    tf32 product would miss it by 10x."""
+    from fedlora.kernels import lowrank as LR
+    if path == "matmul":
+        monkeypatch.setattr(LR, "_ONEDNN_LINEAR", None)
+    elif LR._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN")
+    gen = torch.Generator().manual_seed(82)
+    x = torch.randn(24, 700, generator=gen, dtype=dtype)
+    W = torch.randn(700, 333, generator=gen, dtype=dtype).t() if transposed else \
+        torch.randn(333, 700, generator=gen, dtype=dtype)
+    out = LR.rows_times(x, W)
+    ref = x.double() @ W.double().t()
+    assert out.dtype == dtype and out.shape == (24, 333)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 4 * 700**0.5 * torch.finfo(dtype).eps
+
+
 def _orthonormal_rows(d, m, gen, dtype):
     return torch.linalg.qr(torch.randn(m, d, generator=gen, dtype=dtype))[0].t().unsqueeze(0)  # [1, d, m]
 
