@@ -400,8 +400,8 @@ def test_krylov_residuals_are_what_the_estimate_used():
 
 @pytest.mark.parametrize("path", ["onednn", "matmul"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_rows_times_matches_float64(path, dtype, transposed, monkeypatch):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_rows_times_matches_float64(path, dtype, layout, monkeypatch):
     """x @ W^T for the Krylov products, through oneDNN (CPU fp32) or torch.matmul, against float64.
     fp32 GEMM rounding: |error| <= p eps sum_j |x_j w_j| (inner length p = 700); 4 sqrt(p) eps of
     the float64 norm bounds the random-sign case by a wide margin, and a bf16 (8-bit mantissa) or
@@ -413,8 +413,11 @@ def test_rows_times_matches_float64(path, dtype, transposed, monkeypatch):
         pytest.skip("this torch build has no oneDNN")
     gen = torch.Generator().manual_seed(82)
     x = torch.randn(24, 700, generator=gen, dtype=dtype)
-    W = torch.randn(700, 333, generator=gen, dtype=dtype).t() if transposed else \
-        torch.randn(333, 700, generator=gen, dtype=dtype)
+    W = {"contiguous": lambda: torch.randn(333, 700, generator=gen, dtype=dtype),
+         "transposed": lambda: torch.randn(700, 333, generator=gen, dtype=dtype).t(),  # a factor's A^T view
+         "strided": lambda: torch.randn(666, 900, generator=gen, dtype=dtype)[::2, 100:800]}[layout]()
+    if layout == "strided":
+        x = torch.randn(48, 800, generator=gen, dtype=dtype)[::2, 50:750]
     out = LR.rows_times(x, W)
     ref = x.double() @ W.double().t()
     assert out.dtype == dtype and out.shape == (24, 333)
