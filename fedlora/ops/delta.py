@@ -85,9 +85,11 @@ def _dense_stack(banks: list[AdapterBank], weights: list[list[float]], idx: list
         b = banks[i]  # the scales go on A's rows: a broadcast over rows runs ~2x faster than over columns
         A, scales = b.A.detach().to(work), _column_scales(b, weights[i], work)[:, None]
         scaled = A * scales if scratch is None else torch.mul(A, scales, out=scratch)
-        # B @ scaled as rows_times(B, scaled^T): on the CPU in fp32 oneDNN's GEMM (AVX-512), ~8 %
-        # faster than torch.matmul's MKL at 1024 x 2630 x 1024 even with the copy into out.
-        out[j].copy_(LR.rows_times(b.B.detach().to(work), scaled.transpose(0, 1)))
+        B = b.B.detach().to(work)
+        if LR.onednn_gemm(B):  # oneDNN's GEMM (AVX-512): ~8 % faster than MKL's at 1024 x 2630 x 1024, copy included
+            out[j].copy_(LR.rows_times(B, scaled.transpose(0, 1)))
+        else:
+            torch.matmul(B, scaled, out=out[j])
     return out
 
 
@@ -339,21 +341,25 @@ def _krylov_banks(banks: list[AdapterBank], weights: list[list[float]], work: to
         operator, b, cap = _krylov_plan(R, m, n, rank, block)
         factored_exact = _exact_method(R, m, n) == "factored"
         if operator == "dense":
-            # One layer at a time, reconstructed into one reused buffer (and the scaled A into
-            # one scratch): its matrix (4 MiB at 1024^2) stays in cache through the layer's
+            # On the CPU one layer at a time, reconstructed into one reused buffer (and the scaled
+            # A into one scratch): its matrix (4 MiB at 1024^2) stays in cache through the layer's
             # products, where G layers in lockstep stream G of them (1024^2, 4 layers, 100
-            # clients: ~9% less time per call).
-            buffer, scratch = None, torch.empty(R, n, dtype=work, device=banks[idx[0]].device)
-            for i in idx:
-                buffer = _dense_stack(banks, weights, [i], work, out=buffer, scratch=scratch)
+            # clients: ~9% less time per call). Elsewhere (CUDA) the group in lockstep: fewer launches.
+            device = banks[idx[0]].device
+            chunks = [[i] for i in idx] if _dense_krylov_one_layer_at_a_time(device) else [idx]
+            buffer, scratch = None, torch.empty(R, n, dtype=work, device=device)
+            for chunk in chunks:
+                buffer = _dense_stack(banks, weights, chunk, work, out=buffer, scratch=scratch)
 
-                def exact(j: int, i=i, M=buffer):  # the cheaper exact method, on what this layer already holds
+                def exact(j: int, chunk=chunk, M=buffer):  # the cheaper exact method, on what the chunk holds
                     if factored_exact:
-                        return LR.factored_svd(*_stacked_factors(banks, weights, [i], work), rank)
-                    return LR.dense_svd(M, rank)
+                        return LR.factored_svd(*_stacked_factors(banks, weights, [chunk[j]], work), rank)
+                    return LR.dense_svd(M[j:j + 1], rank)
 
-                U, S, V = _run_krylov(LR.DenseOperator(buffer), operator, cap, [i], rank, tol, b, seed, exact, layers)
-                results[i] = (U[0], S[0], V[0])
+                U, S, V = _run_krylov(LR.DenseOperator(buffer), operator, cap, chunk, rank, tol, b, seed, exact,
+                                      layers)
+                for j, i in enumerate(chunk):
+                    results[i] = (U[j], S[j], V[j])
             continue
         # Views of the banks' factors, the weights applied inside the products; layers in lockstep
         # (their factors are far larger than any cache, and the steps' small calls are shared).
@@ -370,6 +376,10 @@ def _krylov_banks(banks: list[AdapterBank], weights: list[list[float]], work: to
             results[i] = (U[j], S[j], V[j])
         del op
     return (*_restack(results), layers)
+
+
+def _dense_krylov_one_layer_at_a_time(device: torch.device) -> bool:
+    return device.type == "cpu"
 
 
 def _exact_method(R: int | None, m: int, n: int) -> str:
