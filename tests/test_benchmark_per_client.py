@@ -37,6 +37,9 @@ def test_scores_from_the_checkpoint_equal_the_runs_own_evaluation(bench, capsys)
         # per-example sums: simulate's final evaluation to the bit.
         assert cell["global"]["loss"] == metrics[-1]["eval_heldout_loss"]
         assert cell["base"]["loss"] == base["eval_heldout_loss"]
+        # the unseen clients' examples too, spread the same way: the run's own unseen evaluation to the bit
+        assert scored["unseen"]["global"]["loss"] == metrics[-1]["eval_unseen_loss"]
+        assert scored["unseen"]["base"]["loss"] == base["eval_unseen_loss"]
         if name == "flexlora":  # its run's ranks are the column's: the run's own breakdown, exactly
             assert cell["global"]["by_rank"] == metrics[-1]["eval_heldout_by_rank"]
             assert cell["base"]["by_rank"] == base["eval_heldout_by_rank"]
@@ -46,6 +49,8 @@ def test_scores_from_the_checkpoint_equal_the_runs_own_evaluation(bench, capsys)
     # no global model; what each client receives is its own adapter, as the run scored it (same examples, same
     # client-by-client passes, the factors it stored after its last round)
     assert "global" not in local and local["received"]["loss"] == metrics[-1]["eval_heldout_loss"]
+    local_unseen = json.loads((folder / "per_client.json").read_text())["unseen"]
+    assert "global" not in local_unseen and local_unseen["base"]["loss"] == metrics[-1]["eval_unseen_loss"]
     assert local["received"]["by_rank"] == metrics[-1]["eval_heldout_by_rank"]
     homo = json.loads((_run(bench, "homogeneous-max")[0] / "per_client.json").read_text())["cells"]
     homo = homo["strategy-homogeneous-max__rank_distribution-uniform"]
@@ -62,6 +67,13 @@ def test_scores_from_the_checkpoint_equal_the_runs_own_evaluation(bench, capsys)
                 "| homogeneous-max: global model |", "| local-only: what the client receives |"):
         assert row in table and "–" not in table.split(row)[1].split("\n")[0], row
     assert "Scored on up to 4 held-out examples" in md
+    # the summary: every rule's final held-out and unseen perplexity, and each one minus bucket on the same seed
+    summary = md.split("Held-out perplexity after the last round, scored by --per-client")[1].split("###")[0]
+    flex_ppl = json.loads((_run(bench, "flexlora")[0] / "per_client.json").read_text())
+    flex_ppl = flex_ppl["cells"][_run(bench, "flexlora")[0].name]["global"]["ppl"]
+    assert f"| flexlora | {flex_ppl:.3f} |" in summary  # (no bucket in this grid: no paired difference)
+    assert "| local-only |" in summary
+    assert "Unseen perplexity after the last round" in md
     capsys.readouterr()
     assert main(["benchmark", "--per-client", str(bench)]) == 0  # scored already with this budget: skipped
     assert capsys.readouterr().out.count("there already for this budget") == 3

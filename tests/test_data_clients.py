@@ -1,10 +1,12 @@
 """The shared client structure: chunking, held-out splits, batching."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from fedlora.data import IGNORE_INDEX, ClientDataset, collate, collate_clients, lm_examples, make_example
-from fedlora.data.clients import split_indices
+from fedlora.data.clients import split_indices, spread_budget
 
 
 def test_lm_examples_chunks():
@@ -63,7 +65,9 @@ def test_eager_and_lazy_federations_pick_the_same_evaluation_sets():
     assert eager.num_train_clients == lazy.num_train_clients == 3
     for split, budget in (("heldout", 2), ("heldout", 10), ("unseen", 4)):
         assert eager.eval_sets(split, budget) == lazy.eval_sets(split, budget)
-    assert eager.eval_sets("heldout", 2) == [(5.0, pick([6, 7]))]
+    # spread over the clients, not the first client's two: a and c give one each (b has none held out)
+    assert eager.eval_sets("heldout", 2) == [(5.0, pick([6])), (3.0, pick([8]))]
+    assert lazy.eval_sets("unseen", 3) == [(3.0, pick([9, 10])), (1.0, pick([12]))]
     assert lazy.eval_sets("unseen", 4) == [(3.0, pick([9, 10, 11])), (1.0, pick([12]))]
     loads.clear()
     c = lazy.train_client(2)
@@ -74,3 +78,17 @@ def test_eager_and_lazy_federations_pick_the_same_evaluation_sets():
     with pytest.raises(ValueError, match="same clients"):
         LazyFederation(ClientIndex.from_lists(ids, train_parts), ClientIndex.from_lists(ids[:2], held_parts[:2]),
                        ClientIndex.from_lists([], []), examples.__getitem__)
+
+
+@given(st.lists(st.integers(0, 6), max_size=12), st.integers(-2, 60))
+@settings(max_examples=200, deadline=None)
+def test_spread_budget_is_round_robin(sizes, budget):
+    """One example from every client in turn: the budget (or every example) is used, no client gives
+    more than it has, and counts differ by at most one among clients that still had examples left,
+    the extra one going to the earlier clients."""
+    counts = spread_budget(sizes, budget)
+    assert len(counts) == len(sizes) and sum(counts) == min(max(budget, 0), sum(sizes))
+    assert all(0 <= c <= n for c, n in zip(counts, sizes))
+    for i, (ci, ni) in enumerate(zip(counts, sizes)):
+        if ci < ni:  # client i was not exhausted: nobody got more than one above it, only earlier ones one
+            assert all(cj <= ci + (1 if j < i else 0) for j, cj in enumerate(counts))

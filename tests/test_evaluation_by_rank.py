@@ -40,10 +40,11 @@ def test_by_rank_groups_example_sums_by_their_clients_rank():
         by_rank(sums, tokens, owners[:2])
 
 
-def test_owners_follow_the_evaluation_budget_client_by_client():
+def test_owners_follow_the_evaluation_budget_spread_over_clients():
     clients = synthetic_clients(3, heldout=2)
     rank_of = {"c0": 2, "c1": 4, "c2": 2}
-    assert heldout_owners(clients, 3, rank_of) == [("c0", 2), ("c0", 2), ("c1", 4)]
+    assert heldout_owners(clients, 3, rank_of) == [("c0", 2), ("c1", 4), ("c2", 2)]  # one from each in turn
+    assert heldout_owners(clients, 4, rank_of) == [("c0", 2), ("c0", 2), ("c1", 4), ("c2", 2)]
     assert heldout_owners(clients, 100, rank_of)[-1] == ("c2", 2) and len(heldout_owners(clients, 100, rank_of)) == 6
 
 

@@ -17,6 +17,31 @@ IGNORE_INDEX = -100  # what torch's cross-entropy and HF models skip
 Example = dict[str, torch.Tensor]
 
 
+def spread_budget(sizes: Sequence[int], budget: int) -> list[int]:
+    """How many examples each client gives an evaluation of ``budget`` examples: one from every client in
+    turn (round-robin, in data order) until the budget or the clients run out.
+
+    An evaluation set drawn client by client from the front would score the first one or two clients
+    only; spread like this it covers as many clients as the budget allows, each about equally.
+    """
+    counts = [0] * len(sizes)
+    left = max(int(budget), 0)
+    while left > 0:
+        active = [j for j, n in enumerate(sizes) if counts[j] < n]
+        if not active:
+            break
+        if left < len(active):  # the last partial turn: the first clients in data order
+            for j in active[:left]:
+                counts[j] += 1
+            break
+        # whole turns at once: as many as the budget and the smallest remaining client allow
+        turns = min(min(sizes[j] - counts[j] for j in active), left // len(active))
+        for j in active:
+            counts[j] += turns
+        left -= turns * len(active)
+    return counts
+
+
 @dataclass
 class ClientDataset:
     """One federated client: its training examples and its held-out examples.
@@ -65,23 +90,19 @@ class FederatedData:
         return self.train_clients[j]
 
     def eval_sets(self, split: str, budget: int) -> list[tuple[float, list[Example]]]:
-        """Up to ``budget`` evaluation examples, client by client: (client size, examples) pairs.
+        """Up to ``budget`` evaluation examples spread over the clients (:func:`spread_budget`):
+        (client size, examples) pairs in data order.
 
         "heldout": the held-out examples of training clients; "unseen": every
         example of the unseen clients.
         """
         if split not in ("heldout", "unseen"):
             raise ValueError(f"split must be 'heldout' or 'unseen', got {split!r}")
-        picked = []
-        for client in self.train_clients if split == "heldout" else self.unseen_clients:
-            if budget <= 0:
-                break
-            pool = client.heldout if split == "heldout" else list(client.train) + list(client.heldout)
-            take = list(pool[:budget])
-            if take:
-                picked.append((float(len(client.train) + len(client.heldout)), take))
-                budget -= len(take)
-        return picked
+        clients = self.train_clients if split == "heldout" else self.unseen_clients
+        pools = [list(c.heldout) if split == "heldout" else list(c.train) + list(c.heldout) for c in clients]
+        counts = spread_budget([len(p) for p in pools], budget)
+        return [(float(len(c.train) + len(c.heldout)), pool[:n])
+                for c, pool, n in zip(clients, pools, counts) if n]
 
 
 def make_example(input_ids: Sequence[int], labels: Sequence[int] | None = None) -> Example:

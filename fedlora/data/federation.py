@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .clients import ClientDataset, Example
+from .clients import ClientDataset, Example, spread_budget
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ class LazyFederation:
                              {"records": self.train.size(j) + self.heldout.size(j)})
 
     def eval_sets(self, split: str, budget: int) -> list[tuple[float, list[Example]]]:
-        """Up to ``budget`` evaluation examples, client by client: (client size, examples) pairs.
+        """Up to ``budget`` evaluation examples spread over the clients (:func:`spread_budget`):
+        (client size, examples) pairs in data order.
 
         ``split``: "heldout" (held-out records of training clients) or "unseen"
         (every record of the unseen clients). Encoded once and kept: the same
@@ -118,14 +119,9 @@ class LazyFederation:
         key = (split, budget)
         if key not in self._eval_cache:
             index = self.heldout if split == "heldout" else self.unseen
-            picked = []
-            for j in range(len(index)):
-                if budget <= 0:
-                    break
-                take = index.records_of(j)[:budget]
-                if len(take):
-                    size = index.size(j) + (self.train.size(j) if split == "heldout" else 0)
-                    picked.append((float(size), [self.load(int(r)) for r in take]))
-                    budget -= len(take)
-            self._eval_cache[key] = picked
+            counts = spread_budget([index.size(j) for j in range(len(index))], budget)
+            self._eval_cache[key] = [
+                (float(index.size(j) + (self.train.size(j) if split == "heldout" else 0)),
+                 [self.load(int(r)) for r in index.records_of(j)[:n]])
+                for j, n in enumerate(counts) if n]
         return self._eval_cache[key]

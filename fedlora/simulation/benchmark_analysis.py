@@ -198,9 +198,50 @@ def per_client_tables(cells, ordered) -> str:
             "FedSA-LoRA and local-only: its own factors).\n")
 
 
+def per_client_summary(cells, ordered) -> str:
+    """The final model of every cell scored by ``--per-client`` on evaluation sets spread over the clients:
+    held-out perplexity (the global model; local-only: each client's own adapter) and unseen perplexity
+    (the global model; local-only: the base model), mean ± std over seeds and each rule minus bucket on
+    the same seed."""
+    scored = [c for c in cells if c.per_client and c.per_client.get("unseen")]
+    if not scored:
+        return ""
+
+    def heldout(c):
+        entry = c.per_client.get("global") or c.per_client.get("received")
+        return entry["ppl"] if entry else None
+
+    def unseen(c):
+        entry = c.per_client["unseen"].get("global") or c.per_client["unseen"].get("base")
+        return entry["ppl"] if entry else None
+
+    dists = ordered(c.dist for c in scored)
+    out = []
+    for title, value in (("held-out", heldout), ("unseen", unseen)):
+        lines = []
+        for rule in ordered(c.rule for c in scored):
+            entries = []
+            for dist in dists:
+                own = [c for c in scored if c.rule == rule and c.dist == dist and value(c) is not None]
+                bucket = {c.seed: value(c) for c in scored if c.rule == "bucket" and c.dist == dist
+                          and value(c) is not None}
+                diffs = [value(c) - bucket[c.seed] for c in own if c.seed in bucket]
+                text = _mean_std([value(c) for c in own])
+                if rule != "bucket" and diffs:
+                    text += f" ({_mean_std(diffs, signed=True)}; {sum(d < 0 for d in diffs)}/{len(diffs)} better)"
+                entries.append(text)
+            lines.append(f"| {rule} | " + " | ".join(entries) + " |\n")
+        budgets = sorted({c.per_client["max_examples"] for c in scored})
+        out.append(f"\n### {title.capitalize()} perplexity after the last round, scored by --per-client on up to "
+                   f"{', '.join(map(str, budgets))} examples spread over the clients (mean ± std over seeds; "
+                   "in brackets: minus bucket on the same seed)\n\n| rule | " + " | ".join(dists)
+                   + " |\n|---|" + "---|" * len(dists) + "\n" + "".join(lines))
+    return "".join(out)
+
+
 def markdown_sections(cells, ordered) -> str:
     """The breakdown and spectrum tables (empty when nothing of it was recorded)."""
-    parts = [by_rank_tables(cells, ordered), per_client_tables(cells, ordered)]
+    parts = [per_client_summary(cells, ordered), by_rank_tables(cells, ordered), per_client_tables(cells, ordered)]
     breakdown = rank_breakdown(cells)
     if breakdown:
         ranks = sorted({r for by in breakdown.values() for r in by})

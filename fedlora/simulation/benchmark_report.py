@@ -119,7 +119,8 @@ def load_cells(output_dir: str | Path) -> list[CellResult]:
             mine = scored.get("cells", {}).get(label["cell"])
             cells.append(CellResult(label["cell"], record["name"], label["values"], record["config"], metrics, base,
                                     record.get("round_time_s", float("nan")),
-                                    None if mine is None else {**mine, "max_examples": scored.get("max_examples")}))
+                                    None if mine is None else {**mine, "max_examples": scored.get("max_examples"),
+                                                                 "unseen": scored.get("unseen", {})}))
     order = _grid_order(root)
     if order:
         rank = {name: i for i, name in enumerate(order)}

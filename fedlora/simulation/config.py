@@ -146,7 +146,8 @@ class SimConfig:
                                 "layers, at each evaluation (0: off)", group="evaluation", low=0)
     eval_base: bool = setting(True, "evaluate the base model once before round 1: round 0 of every curve "
                               "(base_eval.json)", group="evaluation")
-    eval_max_examples: int = setting(32, "examples per split (held-out data of training clients, unseen clients) "
+    eval_max_examples: int = setting(32, "examples per split (held-out data of training clients, unseen clients; "
+                                     "spread over the clients, one from each in turn) "
                                      "for loss and perplexity", group="evaluation", low=0)
     eval_generate_examples: int = setting(16, "instruction data: greedy generations per split scored by Rouge-L "
                                           "(0: off)", group="evaluation", low=0)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from fedlora.data.clients import IGNORE_INDEX, collate_clients
+from fedlora.data.clients import IGNORE_INDEX, collate_clients, spread_budget
 from fedlora.layers import segments
 from fedlora.strategies import Strategy
 from fedlora.strategies.base import merge_parts
@@ -121,16 +121,11 @@ def by_rank(sums: Sequence[float], tokens: Sequence[int], owners: Sequence[tuple
 
 def heldout_groups(clients: Sequence, budget: int) -> list[tuple[object, int]]:
     """(client, how many of its held-out examples are scored) in data order, up to ``budget`` examples in
-    all: the clients of ``eval_sets("heldout", budget)``, counted without reading an example."""
-    out = []
-    for client in clients:
-        if budget <= 0:
-            break
-        n = min(len(client.heldout), budget)
-        if n:
-            out.append((client, n))
-            budget -= n
-    return out
+    all, spread over the clients: the clients of ``eval_sets("heldout", budget)``, counted without reading
+    an example."""
+    clients = list(clients)
+    counts = spread_budget([len(c.heldout) for c in clients], budget)
+    return [(c, n) for c, n in zip(clients, counts) if n]
 
 
 def heldout_owners(clients: Sequence, budget: int, rank_of: Mapping[str, int]) -> list[tuple[str, int]]:
@@ -207,7 +202,7 @@ def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_o
 
     clients: the training clients in data order; factors_of(client) -> the factors it would start
     the next round from (the rule's shared factors with its own personal ones). The examples are
-    the global evaluation's held-out set (up to ``budget``, client by client), so
+    the global evaluation's held-out set (up to ``budget``, spread over the clients), so
     ``eval_personal_heldout_*`` and ``eval_heldout_*`` score the same tokens. Token-weighted.
     ``key``: the metrics' prefix (a rule without a global model reports these as ``eval_heldout``);
     with ``rank_of`` also ``{key}_by_rank`` (see :func:`by_rank`).
