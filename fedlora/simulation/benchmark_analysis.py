@@ -58,16 +58,22 @@ def final_spectrum(cell) -> np.ndarray | None:
 
 
 def rank_breakdown(cells) -> dict[str, dict[int, float]]:
-    """rule -> rank -> mean training loss of its clients over the second half of the rounds (all seeds)."""
+    """rule -> assigned rank -> mean training loss of its clients over the second half of the rounds (all seeds)."""
     out: dict[str, dict[int, list[float]]] = {}
     for c in cells:
+        # a client's rank when first sampled: the rank it was assigned (HetLoRA's self-pruning lowers ``ranks``
+        # in later rounds, and a pruned rank-32 client is still a rank-32 client)
+        assigned: dict[str, int] = {}
+        for m in c.metrics:
+            for cid, rank in zip(m.get("clients", []), m.get("ranks", [])):
+                assigned.setdefault(cid, int(rank))
         half = len(c.metrics) // 2
         for m in c.metrics[half:]:
             losses = m.get("client_train_loss") or {}
-            for cid, rank in zip(m["clients"], m["ranks"]):
+            for cid in m.get("clients", []):
                 loss = losses.get(cid)
                 if isinstance(loss, (int, float)) and math.isfinite(loss):
-                    out.setdefault(c.rule, {}).setdefault(int(rank), []).append(float(loss))
+                    out.setdefault(c.rule, {}).setdefault(assigned[cid], []).append(float(loss))
     return {rule: {r: float(np.mean(v)) for r, v in sorted(by_rank.items())} for rule, by_rank in out.items()}
 
 
