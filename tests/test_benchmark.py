@@ -370,3 +370,31 @@ def test_killed_grid_resumes_cell_by_cell_and_its_report_rebuilds(tmp_path, caps
     toml.write_text(GRID_TOML.format(data=data, out=out).replace("rounds = 2", "rounds = 3"))
     assert main(["benchmark", "--config", str(toml), "--no-progress"]) == 2
     assert "finished with other settings" in capsys.readouterr().err
+
+
+def test_a_grid_that_adds_a_distribution_labels_the_finished_shared_run_with_its_new_cell(tmp_path, monkeypatch):
+    """homogeneous-max's run finished under a grid of uniform ranks only; a grid adding heavy_tail reuses it
+    (nothing to run) and its cell.json then names both cells, so the report shows it in both columns."""
+    from fedlora.simulation import benchmark
+
+    def grid(dists):
+        return Grid.from_dict(grid_dict(strategy=["homogeneous-max"], rank_distribution=dists, seed=[0]),
+                              output_dir=tmp_path)
+
+    (cell,) = grid(["uniform"]).cells()
+    folder = Path(cell.config.output_dir)
+    folder.mkdir(parents=True)
+    (folder / "cell.json").write_text(json.dumps({
+        "name": cell.run, "labels": [{"cell": "kept-from-another-grid", "values": {}},
+                                     {"cell": cell.name, "values": cell.values}],
+        "config": json.loads(cell.config.to_json()), "elapsed_s": 1.0}))
+    monkeypatch.setattr(benchmark, "simulate", lambda config: pytest.fail("a finished run ran again"))
+    monkeypatch.setattr(benchmark, "write_report", lambda *a, **k: None)
+    assert benchmark.run_grid(grid(["uniform", "heavy_tail"])) == []
+    labels = json.loads((folder / "cell.json").read_text())["labels"]
+    assert [label["cell"] for label in labels] == [
+        "kept-from-another-grid", cell.name, "strategy-homogeneous-max__rank_distribution-heavy_tail__seed-0"]
+    assert labels[-1]["values"]["rank_distribution"] == "heavy_tail"
+    before = (folder / "cell.json").read_bytes()
+    benchmark.run_grid(grid(["uniform", "heavy_tail"]))  # labelled already: the file is left as it is
+    assert (folder / "cell.json").read_bytes() == before

@@ -185,6 +185,19 @@ def run_done(cells: list[Cell]) -> bool:
     return True
 
 
+def add_labels(cells: list[Cell]) -> None:
+    """Label a finished run with every cell of this grid it serves: a grid that adds a rank distribution
+    reuses homogeneous-max's finished run, whose cell.json named only the cells of the grid that ran it.
+    Labels of cells this grid does not list stay (another grid file may share the folder)."""
+    path = Path(cells[0].config.output_dir) / CELL_FILE
+    record = json.loads(path.read_text())
+    known = {label["cell"] for label in record["labels"]}
+    new = [{"cell": c.name, "values": c.values} for c in cells if c.name not in known]
+    if new:
+        record["labels"] += new
+        atomic_write(path, json.dumps(record, indent=2).encode())
+
+
 def reuse_base_eval(config: SimConfig) -> str | None:
     """Give the run of ``config`` the base evaluation another run of the grid already made, if one agrees.
 
@@ -242,6 +255,9 @@ def run_grid(grid: Grid, *, stop_after_runs: int | None = None) -> list[str]:
         "simulate": grid.base, "grid": grid.axes, "metric": grid.metric,
         "cells": [c.name for c in grid.cells()]}, indent=2).encode())
     todo = [name for name, cells in runs.items() if not run_done(cells)]
+    for name, cells in runs.items():
+        if name not in todo:
+            add_labels(cells)
     done_now: list[str] = []
     failed: dict[str, str] = {}
     bar = _bar(len(runs), len(runs) - len(todo), grid.progress)
