@@ -37,7 +37,7 @@ from fedlora.federated.update import atomic_write
 from .benchmark import BASE_EVAL_KEYS
 from .benchmark_report import CELL_FILE, PER_CLIENT_FILE
 from .config import InputError, SimConfig
-from .evaluation import by_rank, example_losses, heldout_groups, loss_entry, own_model_losses
+from .evaluation import by_rank, example_losses, group_owners, heldout_groups, loss_entry, own_model_losses
 from .personal import PersonalStore
 from .round import client_start
 from .run import restore, run_identity
@@ -90,7 +90,7 @@ def evaluate_run(folder: Path, max_examples: int | None = None, base_cache: dict
         dist = label["values"].get("rank_distribution", cfg.rank_distribution)
         ranks = dict(zip(run.client_ids, assign_ranks(len(run.clients), dist, cfg.rank_levels, cfg.seed,
                                                       cfg.client_ranks)))
-        owners = [(c.client_id, ranks[c.client_id]) for c, n in groups for _ in range(n)]
+        owners = group_owners(groups, ranks)
         cells[label["cell"]] = {"rank_distribution": dist, **{
             model: {**loss_entry(math.fsum(sums), sum(tokens)), "by_rank": by_rank(sums, tokens, owners)}
             for model, (sums, tokens) in scores.items()}}

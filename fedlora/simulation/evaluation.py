@@ -128,9 +128,14 @@ def heldout_groups(clients: Sequence, budget: int) -> list[tuple[object, int]]:
     return [(c, n) for c, n in zip(clients, counts) if n]
 
 
+def group_owners(groups: Sequence[tuple[object, int]], rank_of: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(client id, its rank) of every example of ``groups`` ((client, n) pairs, :func:`heldout_groups`), in order."""
+    return [(c.client_id, rank_of[c.client_id]) for c, n in groups for _ in range(n)]
+
+
 def heldout_owners(clients: Sequence, budget: int, rank_of: Mapping[str, int]) -> list[tuple[str, int]]:
     """(client id, its rank) of every held-out example an evaluation scores, in order (see heldout_groups)."""
-    return [(c.client_id, rank_of[c.client_id]) for c, n in heldout_groups(clients, budget) for _ in range(n)]
+    return group_owners(heldout_groups(clients, budget), rank_of)
 
 
 def evaluation_size(heldout: Sequence, unseen: Sequence, rouge_sets: Mapping[str, list]) -> int:
@@ -213,8 +218,7 @@ def evaluate_personal(fm: FederatedModel, strategy: Strategy, clients, factors_o
         return {}
     out = {f"{key}_{k}": v for k, v in loss_entry(math.fsum(sums), sum(tokens)).items()}
     if rank_of is not None:
-        owners = [(c.client_id, rank_of[c.client_id]) for c, n in groups for _ in range(n)]
-        out[f"{key}_by_rank"] = by_rank(sums, tokens, owners)
+        out[f"{key}_by_rank"] = by_rank(sums, tokens, group_owners(groups, rank_of))
     return {**out, "eval_personal_clients": len(groups)}
 
 
