@@ -381,6 +381,62 @@ def test_krylov_zero_update():
     assert torch.isfinite(U).all() and torch.isfinite(V).all() and (S == 0).all()
 
 
+def test_is_probe_follows_the_predicted_estimate():
+    """A check is a probe (fp32 eigh) unless the geometric rate of the last two checks predicts an
+    estimate at or below _probe_limit there; with no rate (fewer than two checks, or one that does
+    not fall) it is a probe."""
+    from fedlora.kernels import lowrank as LR
+    tol = 1e-4
+    limit = LR._probe_limit(tol)
+    assert limit == max(LR.PROBE_NEAR * tol, LR.STAGNATION_LEVEL)
+    assert LR._is_probe([[]], [0], 80, tol) and LR._is_probe([[(80, 0.4)]], [0], 96, tol)
+    assert LR._is_probe([[(80, 0.3), (96, 0.4)]], [0], 192, tol)  # rising: no rate
+    rate = [(96, 0.3), (192, 1.6e-3)]  # e(d) = 1.6e-3 (1.6e-3 / 0.3)^((d - 192) / 96)
+    assert not LR._is_probe([rate], [0], 224, tol)  # predicted 2.8e-4 <= 1e-3
+    assert LR._is_probe([rate], [0], 200, tol)  # predicted 1.03e-3: just above
+    assert LR._is_probe([[(96, 0.3), (192, 0.1)]], [0], 224, tol)  # predicted 0.069
+    # one layer near is enough for an fp64 check
+    assert not LR._is_probe([[(96, 0.3), (192, 0.1)], rate], [0, 1], 224, tol)
+
+
+@pytest.mark.parametrize("case", ["flexlora", "steep", "small_gap"])
+def test_probes_never_certify_a_stop(case, monkeypatch):
+    """Every check forced to start as a probe (fp32 eigh): a layer still stops only on an fp64
+    check (the probe at the stopping dimension came out near the rule and was redone), within
+    one block of where the fp64-only run stops (probe estimates only steer the schedule), and
+    within tol of the float64 truncation."""
+    from fedlora.kernels import lowrank as LR
+    gen = torch.Generator().manual_seed(95)
+    if case == "flexlora":
+        bank, w = flexlora_round(256, 60, gen)
+        k, block = 16, 16
+    else:
+        sigma = (1 + torch.arange(120, dtype=torch.float64)) ** -3.0
+        if case == "small_gap":
+            sigma = 1 / (1 + 0.05 * torch.arange(120, dtype=torch.float64))
+            sigma[12:] /= 1.01
+        bank, w = spectrum_bank(sigma, 30, 200, 160, gen, copies=2), None
+        k, block = 12, 8
+    scale = torch.repeat_interleave(bank.scalings * (torch.tensor(w) if w else 1.0), torch.tensor(bank.ranks))
+    def run():
+        op = LR.FactoredOperator([bank.B.detach()], [bank.A.detach()], [scale.float()])
+        return LR.krylov_svd(op, k, tol=AUTO_TOL, block=block, max_dim=160, generators=[torch.Generator().manual_seed(3)])
+    monkeypatch.setattr(LR, "_is_probe", lambda *a: False)
+    exact = run()
+    calls = []
+    real = LR._ritz_estimate
+    monkeypatch.setattr(LR, "_ritz_estimate", lambda *a: calls.append((a[3], a[-1])) or real(*a))
+    monkeypatch.setattr(LR, "_is_probe", lambda *a: True)
+    probed = run()
+    assert exact.converged[0] and probed.converged[0]
+    assert abs(probed.dims[0] - exact.dims[0]) <= block and probed.estimates[0] <= AUTO_TOL
+    assert calls[-1] == (probed.dims[0], torch.float64)  # the stop: certified in fp64
+    assert (probed.dims[0], torch.float32) in calls  # ... after its probe came out near the rule
+    U, S, V = probed.U[0], probed.S[0], probed.V[0]
+    s_err, t_err = truncation_errors(bank, U, S, V, k, w)
+    assert s_err < AUTO_TOL and t_err < AUTO_TOL
+
+
 def test_krylov_residuals_are_what_the_estimate_used():
     """The free residual (from the last Lanczos block) equals the explicit one: M v - s u ~ 0 and
     ||M^T u - s v|| within the estimate's budget (each e_i >= 2 rho_i, est = ||e|| / ||S_k||)."""
@@ -429,39 +485,55 @@ def _orthonormal_rows(d, m, gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["fresh", "in_span", "cholesky_fails"])
+@pytest.mark.parametrize("case", ["fresh", "older_blocks", "in_span", "cholesky_fails"])
 def test_extend_basis_paths(case, dtype, monkeypatch):
     """_extend_basis: X = basis C + N L with N orthonormal and orthogonal to the basis, on each path.
 
-    fresh: a random block, pass 2 removes only rounding, so N^T N = I to ~eps and the re-normalising
-    QR is Cholesky QR (one Householder QR in all, pass 1's). in_span: X lies in the span of a basis
-    of 280 of 300 dimensions (a rank-deficient M's Krylov block); what pass 1 leaves is rounding,
-    which the first QR blows up to unit columns lying ~93 % along the basis, so pass 2 leaves a
-    block far from orthonormal: the third pass and Householder run (two QRs).
-    cholesky_fails: a Cholesky that reports failure falls back to Householder too.
-    Tolerances: Householder and Cholesky QR at cond <= sqrt(3) are orthonormal to ~b eps (b = 16):
-    100 eps leaves room for the GEMMs' rounding; X is rebuilt to ~eps ||X||.
+    fresh: a random block, pass 1 against the whole basis, so pass 2 removes only rounding
+    (||C2||_F ~ eps): no re-normalisation, one Householder QR (pass 1's). older_blocks: X has
+    components of ~1e-2 along basis rows before the last block, which pass 1 (last block only,
+    as in Golub-Kahan-Lanczos) leaves: pass 2 removes them and the re-normalising QR is
+    Cholesky QR (still one Householder QR). in_span: X lies in the span of a basis of 280 of
+    300 dimensions (a rank-deficient M's Krylov block); what pass 1 leaves is rounding, which
+    the first QR blows up to unit columns lying ~93 % along the basis, so pass 2 leaves a block
+    far from orthonormal: the third pass and Householder run (two QRs). cholesky_fails: the
+    older_blocks case with a Cholesky that reports failure falls back to Householder too.
+    Tolerances: Householder and Cholesky QR at cond <= sqrt(3) are orthonormal to ~b eps
+    (b = 16), and skipping the re-normalisation adds ||C2||_F^2 <= eps: 100 eps leaves room for
+    the GEMMs' rounding; X is rebuilt to ~eps ||X||.
     """
     from fedlora.kernels import lowrank as LR
     gen = torch.Generator().manual_seed(80)
     m, d, b = 300, 280 if case == "in_span" else 48, 16
     basis = _orthonormal_rows(d, m, gen, dtype)
+    last = 0
     if case == "in_span":
         X = basis.transpose(-2, -1) @ torch.randn(1, d, b, generator=gen, dtype=dtype)
     else:
         X = torch.randn(1, m, b, generator=gen, dtype=dtype)
+    if case in ("older_blocks", "cholesky_fails"):
+        # New directions (X without its basis part), O(1) along the last block, 1e-2 along the
+        # older rows: pass 1 sees only the last block, the older components stay for pass 2.
+        last = b
+        X = X - basis.transpose(-2, -1) @ (basis @ X)
+        along = torch.randn(1, d, b, generator=gen, dtype=dtype)
+        along[:, : d - b] *= 1e-2
+        X = X + basis.transpose(-2, -1) @ along
     if case == "cholesky_fails":
         monkeypatch.setattr(torch.linalg, "cholesky_ex",
                             lambda A: (A, torch.ones(A.shape[:-2], dtype=torch.int32)))
-    qrs = []
-    real_qr = LR._qr
+    qrs, renormalised = [], []
+    real_qr, real_renormalise = LR._qr, LR._renormalise
     monkeypatch.setattr(LR, "_qr", lambda Y: qrs.append(1) or real_qr(Y))
-    N, C, L, lost = LR._extend_basis(basis, X)
+    monkeypatch.setattr(LR, "_renormalise", lambda *a: renormalised.append(1) or real_renormalise(*a))
+    N, C, L, lost = LR._extend_basis(basis, X, last=last)
     eps = torch.finfo(dtype).eps
     eye = torch.eye(b, dtype=dtype)
-    assert len(qrs) == (1 if case == "fresh" else 2)
-    # Cholesky QR is orthogonal to the basis by construction; the Householder path measures it.
-    assert lost is None if case == "fresh" else lost.item() < LR.LOST_ORTHOGONALITY_EPS * eps
+    assert len(qrs) == (2 if case in ("in_span", "cholesky_fails") else 1)
+    assert len(renormalised) == (0 if case == "fresh" else 1)
+    # Without re-normalising or with Cholesky QR, N is orthogonal to the basis by construction;
+    # the Householder path measures it.
+    assert lost is None if case in ("fresh", "older_blocks") else lost.item() < LR.LOST_ORTHOGONALITY_EPS * eps
     assert (N.transpose(-2, -1) @ N - eye).abs().max() < 100 * eps
     assert (basis @ N).abs().max() < 100 * eps
     rebuilt = basis.transpose(-2, -1) @ C + N @ L
@@ -502,8 +574,8 @@ def test_krylov_space_past_rank_falls_back_instead_of_a_wrong_answer():
 @pytest.mark.parametrize("onednn", [True, False])
 def test_krylov_on_the_reconstructed_matrix(one_at_a_time, onednn, monkeypatch):
     """Three layers of one rank group (R = 640 > 384, k = 16: Krylov on the reconstructed matrix).
-    On the CPU one layer at a time through one buffer: each layer bit-identical to a call on it
-    alone (seed + l); in lockstep (CUDA) equal to that to fp32 rounding. Both GEMM paths; each
+    On the CPU one layer at a time: each layer bit-identical to a call on it alone (seed + l);
+    in lockstep (CUDA) equal to that to fp32 rounding. Both GEMM paths; each
     layer within tol of its float64 truncation."""
     import fedlora.ops.delta as delta
     if not onednn:
@@ -658,6 +730,53 @@ def test_rejects_non_finite_factors(bad):
         bank.B[0, 0] = bad
     with pytest.raises(ValueError, match="B holds NaN or Inf"):
         lowrank_svd(bank, rank=2)
+
+
+def _dense_krylov_banks(seed):
+    """Two layers where krylov runs on the reconstructed matrix (R = 640 > 384): there the factors'
+    NaN/Inf check is the reconstruction's (_check_reconstruction)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [make_bank([64] * 10, 384, 384, gen) for _ in range(2)], random_weights(10, gen)
+
+
+@pytest.mark.parametrize("where", ["A", "B", "A_row_times_zero_B", "B_of_zero_weight"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_dense_krylov_names_a_non_finite_factor(where, bad):
+    """A NaN or Inf anywhere in layer 1's inputs is reported as the eager check reports it, also
+    where IEEE arithmetic has it meet a zero (Inf x 0 = NaN still reaches the product): an A entry
+    whose B column is zero, a client whose weight is 0. (Scalings and weights are checked before
+    any method runs.)"""
+    banks, w = _dense_krylov_banks(90)
+    info = {}
+    lowrank_svd(banks, [w, w], rank=8, method="krylov", info=info)
+    assert info["krylov"][1]["operator"] == "dense"
+    w = list(w)
+    with torch.no_grad():
+        bank = banks[1]
+        if where == "A":
+            bank.A[70, 11] = bad
+        elif where == "A_row_times_zero_B":  # A's row 70 meets B's column 70, zeroed
+            bank.B[:, 70] = 0.0
+            bank.A[70, 11] = bad
+        elif where == "B":
+            bank.B[5, 200] = bad
+        else:  # client 3 (rank columns 192..255) weighs nothing this round
+            w[3] = 0.0  # (weights are not re-normalised: the others stay as they were)
+            bank.B[5, 200] = bad
+    name = where.split("_")[0]
+    with pytest.raises(ValueError, match=f"bank 1: {name} holds NaN or Inf"):
+        lowrank_svd(banks, [w, w], rank=8, method="krylov")
+
+
+def test_dense_krylov_rejects_a_product_that_overflows():
+    """Finite factors whose sum overflows float32 in the reconstruction: an error that says so."""
+    banks, w = _dense_krylov_banks(91)
+    with torch.no_grad():
+        banks[0].A.mul_(1e19)
+        banks[0].B.mul_(1e19)
+    assert all(torch.isfinite(t).all() for t in (banks[0].A, banks[0].B))
+    with pytest.raises(ValueError, match=r"aggregated delta of bank 0 overflows torch.float32"):
+        lowrank_svd(banks, [w, w], rank=8, method="krylov")
 
 
 def test_rejects_factored_when_total_rank_reaches_min_dim():

@@ -181,8 +181,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all())
 
 
-def check_finite(banks: list[AdapterBank]) -> None:
-    for i, b in enumerate(banks):
+def check_finite(banks: list[AdapterBank], indices: list[int] | None = None) -> None:
+    """ValueError naming the first bank (by its index in ``banks``) whose factors or scalings
+    hold NaN or Inf; ``indices``: check only those banks."""
+    for i in range(len(banks)) if indices is None else indices:
+        b = banks[i]
         for name, t in (("A", b.A), ("B", b.B), ("scalings", b.scalings)):
             if not all_finite(t):
                 raise ValueError(f"bank {i}: {name} holds NaN or Inf")
