@@ -440,12 +440,14 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
     # the diagonal, X steps the row blocks up to it): no zero-fill.
     Qt = torch.empty(G, d_cap, m, dtype=dtype, device=device)
     Pt = torch.empty(G, d_cap, n, dtype=dtype, device=device)
-    Bm = torch.empty(G, d_cap, d_cap, dtype=torch.float64, device=device)
+    # Bm holds what the working precision computed (fp32 coefficients lose nothing in fp32);
+    # a certifying check and the Ritz vectors convert it to fp64.
+    Bm = torch.empty(G, d_cap, d_cap, dtype=dtype, device=device)
     P0 = torch.linalg.qr(omega)[0]
     Pt[:, :b] = P0.transpose(-2, -1)
     Qb, _, R, _ = _extend_basis(None, op.matmul(P0))
     Qt[:, :b] = Qb.transpose(-2, -1)
-    Bm[:, :b, :b] = R.double()
+    Bm[:, :b, :b] = R
     d, next_check = b, d_need
     lost_limit = LOST_ORTHOGONALITY_EPS * torch.finfo(dtype).eps
     broken: set[int] = set()  # positions in active whose basis lost orthogonality: they stop unconverged
@@ -467,7 +469,7 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
                 estimates[g] = _certified(history[g][-1][1], torch.finfo(dtype).eps) if history[g] else math.inf
                 if theta is not None:
                     converged[g] = True
-                    U_out[g], S_out[g], V_out[g] = _ritz(Qt[j, :d], Pt[j, :d], Bm[j, :d, :d], theta, Ut, k)
+                    U_out[g], S_out[g], V_out[g] = _ritz(Qt[j, :d], Pt[j, :d], Bm[j, :d, :d].double(), theta, Ut, k)
             if done:
                 if not keep:
                     break
@@ -574,22 +576,22 @@ def _estimate(s: torch.Tensor, rho: torch.Tensor, k: int, d: int) -> torch.Tenso
     ([G, c], descending, c = min(d, max(2k, k + b))); see KRYLOV_LEAK_FLOOR."""
     tiny = torch.finfo(torch.float64).tiny
     c = s.shape[-1]
+    s2 = s.square()
     # Out-of-space directions lie below s_c (the Ritz value at index c) once the space is past it.
-    s_c = s[:, c - 1:] if d > k + 1 else torch.zeros_like(s[:, :1])
+    s_c2 = s2[:, c - 1:] if d > k + 1 else torch.zeros_like(s2[:, :1])
     need = min(k + 1, c)
-    s_i, rho_i = s[:, :need], rho[:, :need]
-    first = torch.minimum(rho_i * (KRYLOV_LEAK_FLOOR + s_c**2 / (s_i**2 - s_c**2).clamp_min(tiny)), 2 * s_i)
+    first = torch.minimum(rho[:, :need] * (KRYLOV_LEAK_FLOOR + s_c2 / (s2[:, :need] - s_c2).clamp_min(tiny)),
+                          2 * s[:, :need])
     # Second order: kept triplet i and a Ritz triplet j in (k, c) mix through the residuals,
     # by ~ s_i rho_i s_j rho_j / ((s_i^2 - s_c^2)(s_i^2 - s_j^2)); it matters where the
     # spectrum is locally flat across k (steep power laws), and costs ~ s * angle.
-    sk, rk = s[:, :k, None], rho[:, :k, None]
-    sj, rj = s[:, None, k + 1:c], rho[:, None, k + 1:c]
-    num = sk * rk * sj * rj
-    den = (sk**2 - s_c[:, :, None] ** 2) * (sk**2 - sj**2)
-    angle = torch.where(num > 0, (num / den.clamp_min(tiny)).clamp_max(1.0), torch.zeros_like(num))
-    second = (sk**2 + sj**2).sqrt() * angle
+    sr = s * rho
+    num = sr[:, :k, None] * sr[:, None, k + 1:c]
+    sk2, sj2 = s2[:, :k, None], s2[:, None, k + 1:c]
+    den = (sk2 - s_c2[:, :, None]) * (sk2 - sj2)
+    angle = torch.where(num > 0, (num / den.clamp_min(tiny)).clamp_max(1.0), 0.0)
     kept = s[:, :k].norm(dim=-1)
-    est = (first.square().sum(-1) + second.square().sum((-2, -1))).sqrt() / kept.clamp_min(tiny)
+    est = (first.square().sum(-1) + ((sk2 + sj2) * angle.square()).sum((-2, -1))).sqrt() / kept.clamp_min(tiny)
     return torch.where(kept > 0, est, torch.zeros_like(kept))  # M = 0: exact
 
 
