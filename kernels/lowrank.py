@@ -413,7 +413,8 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
     So the steps grow as the spectrum past k flattens, like 1 / sqrt(s_k^2 / s_c^2 - 1);
     the gap s_k / s_{k+1} alone matters little, because the neighbour k+1 converges
     along with the kept triplets (measured counts: bench/NOTES_server.md). Checks (an
-    fp64 eigh of Bm Bm^T, O(d^3)) are spaced by the measured convergence rate.
+    eigh of Bm Bm^T, O(d^3)) are spaced by the measured convergence rate; one the rate
+    expects to miss is a probe in fp32, and every stop is certified by an fp64 check.
 
     Termination: at most ``max_dim`` columns (rounded down to whole blocks, and never
     more than min(m, n)); a layer that has not met the rule by then, or whose estimate
@@ -527,8 +528,9 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
 
 
 def _ritz_estimate(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, c: int, precision: torch.dtype):
-    """(theta, U~, est): the top c eigenpairs of Bm Bm^T (descending, as fp64) from an eigh in
-    ``precision``, and each layer's estimate (_estimate, in fp64)."""
+    """(theta [G, c] descending fp64, U~ [G, d, k] descending, est [G]): the top c eigenvalues of
+    Bm Bm^T and the top k eigenvectors from an eigh in ``precision``, and each layer's estimate
+    (_estimate, in fp64; the residuals need only the last b rows of the top c eigenvectors)."""
     Bp = Bd.to(precision)
     try:
         theta, Ut = torch.linalg.eigh(Bp @ Bp.transpose(-2, -1))
@@ -536,10 +538,9 @@ def _ritz_estimate(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, c:
         if precision == torch.float64:
             raise
         return _ritz_estimate(Bd, L, k, d, b, c, torch.float64)  # a probe whose fp32 eigh failed
-    # Descending, and only the columns the rule reads: the Ritz pairs up to index c.
     theta = theta[:, d - c:].flip(-1).clamp_min(0).double()
-    Ut = Ut[:, :, d - c:].flip(-1).double()
-    return theta, Ut, _estimate(theta.sqrt(), (L.double() @ Ut[:, d - b:d, :]).norm(dim=-2), k, d)
+    rho = (L.to(Ut.dtype) @ Ut[:, d - b:, d - c:]).flip(-1).double().norm(dim=-2)
+    return theta, Ut[:, :, max(d - k, 0):].flip(-1), _estimate(theta.sqrt(), rho, k, d)
 
 
 # Probes. A check costs an eigh of the d x d matrix Bm Bm^T: in fp64, 3.3 ms at d = 224 on the
@@ -633,7 +634,7 @@ def _ritz(Qt: torch.Tensor, Pt: torch.Tensor, Bd: torch.Tensor, theta: torch.Ten
         Us, s, Vsh = torch.linalg.svd(Bd)
         Uk, Vk, s = Us[:, :k], Vsh[:k].transpose(-2, -1), s[:k]
     else:
-        Uk = Ut[:, :k]
+        Uk = Ut.double()
         Vk = (Bd.transpose(-2, -1) @ Uk) / s
     # (X^T basis_rows)^T: BLAS runs this orientation ~1.4x faster than basis_rows^T X.
     return (Uk.t().to(Qt.dtype) @ Qt).t(), s.to(Qt.dtype), (Vk.t().to(Pt.dtype) @ Pt).t()
