@@ -25,8 +25,9 @@ would lose the small singular values anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -158,9 +159,10 @@ def rows_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     the CPU in fp32 they go through oneDNN's linear, which runs its AVX-512 kernels where
     MKL's sgemm (torch.matmul's CPU path) does not on AMD CPUs: on the 2-core EPYC dev box
     (1 thread) 85 against 69 GF/s for 2048 x 2703 by 32, 79 against 75 GF/s for 1024^2 by
-    16. Same IEEE fp32 arithmetic (oneDNN's default math mode; taken only while torch's
-    float32 matmul precision is "highest", so no bf16/tf32 down-conversion), fp32 rounding
-    of the products either way. Anything else (CUDA, fp64, no oneDNN): torch.matmul.
+    16. Same IEEE fp32 arithmetic (oneDNN's default math mode; taken only while oneDNN's fp32
+    matmul precision is IEEE, see :func:`ieee_fp32_matmul`, so no bf16/tf32 down-conversion),
+    fp32 rounding of the products either way. Anything else (CUDA, fp64, no oneDNN):
+    torch.matmul.
     """
     if onednn_gemm(x) and weight.dtype == torch.float32:
         return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
@@ -170,7 +172,53 @@ def rows_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def onednn_gemm(t: torch.Tensor) -> bool:
     """Whether fp32 GEMMs on ``t`` go through oneDNN (:func:`rows_times`)."""
     return (_ONEDNN_LINEAR is not None and t.device.type == "cpu" and t.dtype == torch.float32
-            and torch.get_float32_matmul_precision() == "highest")
+            and _onednn_fp32_is_ieee())
+
+
+def _precision_switches() -> list:
+    """torch's per-backend fp32 matmul precision switches (torch >= 2.9: CUDA's and oneDNN's
+    ``matmul.fp32_precision``); [] where only the legacy global one exists."""
+    switches = [getattr(getattr(torch.backends, name, None), "matmul", None) for name in ("cuda", "mkldnn")]
+    return [s for s in switches if s is not None and hasattr(s, "fp32_precision")]
+
+
+def _onednn_fp32_is_ieee() -> bool:
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
+        value = mkldnn.fp32_precision
+        if value == "none":  # inherits the backends-wide setting
+            value = getattr(torch.backends, "fp32_precision", "none")
+        return value in ("ieee", "none")
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # torch refuses to answer for a mix of the legacy and per-backend settings
+        return False
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls in IEEE fp32 inside the block, whatever the caller set (TF32 on CUDA, bf16
+    on oneDNN), the caller's settings restored after. Krylov's certificate and the exact
+    methods' accuracy assume IEEE fp32 products: under TF32 M v = s u would hold only to ~1e-3,
+    and no estimate would see it. (The settings are process-wide: other threads' matmuls run
+    in IEEE fp32 meanwhile.)"""
+    switches = _precision_switches()
+    if not switches:
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    saved = [switch.fp32_precision for switch in switches]
+    try:
+        for switch in switches:
+            switch.fp32_precision = "ieee"
+        yield
+    finally:
+        for switch, value in zip(switches, saved):
+            switch.fp32_precision = value
 
 
 class FactoredOperator:
@@ -294,7 +342,7 @@ def _extend_basis(basis_rows: torch.Tensor | None, X: torch.Tensor, last: int = 
     # pass 2 only removes rounding (||C2||_F ~ 1e-6 in fp32 on summed client updates).
     # One number for all layers: the Frobenius norm over the batch bounds every layer's.
     L_new, lost = L, None
-    if torch.linalg.vector_norm(C2).item() > math.sqrt(torch.finfo(N.dtype).eps):
+    if not torch.linalg.vector_norm(C2).item() <= math.sqrt(torch.finfo(N.dtype).eps):  # NaN: re-normalise
         N, C2, L2, lost = _renormalise(N, C2, basis_rows)
         L_new = torch.bmm(L2, L)
     coef = torch.bmm(C2, L)  # the whole basis' coefficients; pass 1's only touch its last rows
@@ -376,7 +424,7 @@ def krylov_flops(m: int, n: int, dim: int, column_flops: float, block: int) -> f
 
     ``dim`` products with M and with M^T (``column_flops`` each per column), two
     re-orthogonalisation passes on both sides (4 (m + n) dim^2), the Ritz checks
-    (fp64 eigh of d x d Gram matrices, ~30 d^3 GEMM-equivalent flops each: LAPACK's
+    (eighs of d x d Gram matrices, fp64 or fp32 probes, ~30 d^3 GEMM-equivalent flops each: LAPACK's
     tridiagonal reduction runs far below GEMM speed; the checks at d <= dim sum to
     ~2 dim^3), and a fixed overhead per block step.
     """
@@ -490,7 +538,7 @@ def krylov_svd(op, k: int, *, tol: float, block: int, max_dim: int,
 
 
 def _lost(lost: torch.Tensor | None, limit: float) -> set[int]:
-    return set() if lost is None else set(torch.nonzero(lost > limit).flatten().tolist())
+    return set() if lost is None else set(torch.nonzero(~(lost <= limit)).flatten().tolist())  # NaN: lost
 
 
 def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int, tol: float, last: bool,
@@ -509,16 +557,16 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
     """
     eps = torch.finfo(L.dtype).eps
     c = min(d, max(2 * k, k + b, k + 1))
-    probe = probe and not last and not broken
-    theta, Ut, est = _ritz_estimate(Bd, L, k, d, b, c, torch.float32 if probe else torch.float64)
-    if probe and any(_certified(e, eps) <= _probe_limit(tol) for e in est.tolist()):
-        theta, Ut, est = _ritz_estimate(Bd, L, k, d, b, c, torch.float64)  # near the rule: certify in fp64
+    probe = probe and not last and not broken and L.dtype == torch.float32
+    theta, Ut, est, used = _ritz_estimate(Bd, L, k, d, b, c, torch.float32 if probe else torch.float64)
+    if used == torch.float32 and _probe_inconclusive(theta, est, k, tol):
+        theta, Ut, est, _ = _ritz_estimate(Bd, L, k, d, b, c, torch.float64)
     done = {}
     for j, g in enumerate(active):
         estimate = est[j].item()
         hist = history[g]
         hist.append((d, estimate))
-        if j in broken:
+        if j in broken or not math.isfinite(estimate):  # NaN/Inf: an overflow; the exact method decides
             done[j] = (None, None)
         elif _certified(estimate, eps) <= tol and d >= min(k + 1, short):
             done[j] = (theta[j], Ut[j])
@@ -528,19 +576,23 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
 
 
 def _ritz_estimate(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, c: int, precision: torch.dtype):
-    """(theta [G, c] descending fp64, U~ [G, d, k] descending, est [G]): the top c eigenvalues of
-    Bm Bm^T and the top k eigenvectors from an eigh in ``precision``, and each layer's estimate
-    (_estimate, in fp64; the residuals need only the last b rows of the top c eigenvectors)."""
+    """(theta [G, c] descending fp64, U~ [G, d, min(d, k)] descending, est [G], precision used):
+    the top c eigenvalues of Bm Bm^T and the top k eigenvectors from an eigh in ``precision``
+    (fp64 where an fp32 one fails), and each layer's estimate (_estimate, in fp64; the
+    residuals need only the last b rows of the top c eigenvectors)."""
     Bp = Bd.to(precision)
     try:
         theta, Ut = torch.linalg.eigh(Bp @ Bp.transpose(-2, -1))
-    except torch.linalg.LinAlgError:
-        if precision == torch.float64:
-            raise
-        return _ritz_estimate(Bd, L, k, d, b, c, torch.float64)  # a probe whose fp32 eigh failed
+    except torch.linalg.LinAlgError:  # non-finite Bm (products that overflowed), or no convergence
+        if precision != torch.float64:
+            return _ritz_estimate(Bd, L, k, d, b, c, torch.float64)
+        G = Bd.shape[0]
+        nothing = torch.full((G,), math.inf, dtype=torch.float64, device=Bd.device)
+        return (torch.zeros(G, c, dtype=torch.float64, device=Bd.device),
+                torch.zeros(G, d, min(d, k), dtype=torch.float64, device=Bd.device), nothing, precision)
     theta = theta[:, d - c:].flip(-1).clamp_min(0).double()
     rho = (L.to(Ut.dtype) @ Ut[:, d - b:, d - c:]).flip(-1).double().norm(dim=-2)
-    return theta, Ut[:, :, max(d - k, 0):].flip(-1), _estimate(theta.sqrt(), rho, k, d)
+    return theta, Ut[:, :, max(d - k, 0):].flip(-1), _estimate(theta.sqrt(), rho, k, d), precision
 
 
 # Probes. A check costs an eigh of the d x d matrix Bm Bm^T: in fp64, 3.3 ms at d = 224 on the
@@ -558,16 +610,33 @@ def _probe_limit(tol: float) -> float:
     return max(PROBE_NEAR * tol, STAGNATION_LEVEL)
 
 
+# An fp32 eigh of the Gram matrix resolves its eigenvalues only down to ~eps_32 theta_1: kept
+# values below PROBE_RESOLUTION x eps_32 x theta_1 (s_k / s_1 < ~4e-3, steep spectra) are
+# noise there, and so is the probe's estimate.
+PROBE_RESOLUTION = 1e3
+
+
+def _probe_inconclusive(theta: torch.Tensor, est: torch.Tensor, k: int, tol: float) -> bool:
+    """Whether an fp32 probe must be redone in fp64: some layer's estimate is at or below
+    _probe_limit (or NaN), or its k-th Ritz value is below what fp32 resolves."""
+    limit = _probe_limit(tol)
+    if any(not e > limit for e in est.tolist()):
+        return True
+    kk = min(k, theta.shape[-1]) - 1
+    floor = PROBE_RESOLUTION * torch.finfo(torch.float32).eps * theta[:, 0]
+    return bool((theta[:, kk] <= floor).any())
+
+
 def _is_probe(history: list, still: list[int], d: int, tol: float) -> bool:
-    """Whether the check at dimension d can be a probe: every layer still running is predicted,
-    by the geometric rate of its last two checks, to be above _probe_limit there (with fewer than
-    two checks, or a rate that does not fall, nothing is predicted: a probe)."""
+    """Whether the check at dimension d can be a probe: each layer still running has made
+    fewer than two checks (no rate yet), or the geometric rate of its last two predicts an
+    estimate above _probe_limit there. A rate that does not fall predicts nothing: fp64."""
     for g in still:
         hist = history[g]
-        if len(hist) < 2 or not 0 < hist[-1][1] < hist[-2][1]:
+        if len(hist) < 2:
             continue
         (d0, e0), (d1, e1) = hist[-2], hist[-1]
-        if e1 * (e1 / e0) ** ((d - d1) / (d1 - d0)) <= _probe_limit(tol):
+        if not 0 < e1 < e0 or not e1 * (e1 / e0) ** ((d - d1) / (d1 - d0)) > _probe_limit(tol):
             return False
     return True
 
@@ -593,14 +662,17 @@ def _estimate(s: torch.Tensor, rho: torch.Tensor, k: int, d: int) -> torch.Tenso
     angle = torch.where(num > 0, (num / den.clamp_min(tiny)).clamp_max(1.0), 0.0)
     kept = s[:, :k].norm(dim=-1)
     est = (first.square().sum(-1) + ((sk2 + sj2) * angle.square()).sum((-2, -1))).sqrt() / kept.clamp_min(tiny)
-    return torch.where(kept > 0, est, torch.zeros_like(kept))  # M = 0: exact
+    return torch.where(kept == 0, torch.zeros_like(kept), est)  # M = 0: exact (NaN stays NaN)
 
 
 def _certified(est: float, eps: float) -> float:
     """The error an estimate certifies: far from convergence (est ~1e-2) the first-order
     estimate alone once ran 1.3x low, and (1 + 50 est) keeps a margin there (1.005 at
     1e-4); below 16 eps of the working precision the data's own rounding dominates, so
-    nothing smaller is certified."""
+    nothing smaller is certified. A NaN or Inf estimate (an overflowing product) certifies
+    nothing."""
+    if not math.isfinite(est):
+        return math.inf
     return max(est * (1 + 50 * est), 16 * eps) if est > 0 else 0.0
 
 
@@ -612,7 +684,7 @@ def _next_check(history: list, still: list[int], d: int, b: int, tol: float) -> 
     (on summed client updates, 1024^2 and 2048^2, k = 64, the extrapolation asked for
     1.8..2.2x the columns the layer then needed). At least one block, at most doubling
     the dimension (early rates are the least reliable). A miss costs one more check a
-    block later; each check is an fp64 eigh of d x d, so they are spent sparingly.
+    block later; each check is an eigh of d x d, so they are spent sparingly.
     """
     ahead = []
     for g in still:

@@ -382,21 +382,45 @@ def test_krylov_zero_update():
 
 
 def test_is_probe_follows_the_predicted_estimate():
-    """A check is a probe (fp32 eigh) unless the geometric rate of the last two checks predicts an
-    estimate at or below _probe_limit there; with no rate (fewer than two checks, or one that does
-    not fall) it is a probe."""
+    """A check is a probe (fp32 eigh) while a layer has no rate yet (fewer than two checks) or
+    while the geometric rate of its last two checks predicts an estimate above _probe_limit
+    there; a predicted estimate at or below it, or a rate that does not fall, means fp64."""
     from fedlora.kernels import lowrank as LR
     tol = 1e-4
     limit = LR._probe_limit(tol)
     assert limit == max(LR.PROBE_NEAR * tol, LR.STAGNATION_LEVEL)
     assert LR._is_probe([[]], [0], 80, tol) and LR._is_probe([[(80, 0.4)]], [0], 96, tol)
-    assert LR._is_probe([[(80, 0.3), (96, 0.4)]], [0], 192, tol)  # rising: no rate
+    assert not LR._is_probe([[(80, 0.3), (96, 0.4)]], [0], 192, tol)  # rising: no prediction
     rate = [(96, 0.3), (192, 1.6e-3)]  # e(d) = 1.6e-3 (1.6e-3 / 0.3)^((d - 192) / 96)
     assert not LR._is_probe([rate], [0], 224, tol)  # predicted 2.8e-4 <= 1e-3
     assert LR._is_probe([rate], [0], 200, tol)  # predicted 1.03e-3: just above
     assert LR._is_probe([[(96, 0.3), (192, 0.1)]], [0], 224, tol)  # predicted 0.069
     # one layer near is enough for an fp64 check
     assert not LR._is_probe([[(96, 0.3), (192, 0.1)], rate], [0, 1], 224, tol)
+
+
+def test_probe_is_redone_in_fp64_where_fp32_cannot_see():
+    """_probe_inconclusive: an estimate at or below the limit, a NaN one, or a k-th Ritz value
+    below what an fp32 eigh resolves (PROBE_RESOLUTION eps_32 theta_1) sends the check to fp64."""
+    from fedlora.kernels import lowrank as LR
+    tol, k = 1e-4, 3
+    theta = torch.tensor([[1.0, 0.5, 0.25, 0.1]], dtype=torch.float64)
+    assert not LR._probe_inconclusive(theta, torch.tensor([0.5]), k, tol)
+    assert LR._probe_inconclusive(theta, torch.tensor([1e-3], dtype=torch.float64), k, tol)
+    assert LR._probe_inconclusive(theta, torch.tensor([math.nan]), k, tol)
+    steep = torch.tensor([[1.0, 1e-2, 1e-5, 1e-6]], dtype=torch.float64)  # theta_3 below 1e3 eps_32 theta_1
+    assert LR._probe_inconclusive(steep, torch.tensor([0.5]), k, tol)
+
+
+def test_a_nan_estimate_certifies_nothing():
+    """An overflowing product turns the estimate NaN: it must read as unconverged, never as exact."""
+    from fedlora.kernels import lowrank as LR
+    eps = torch.finfo(torch.float32).eps
+    assert LR._certified(math.nan, eps) == math.inf and LR._certified(math.inf, eps) == math.inf
+    assert LR._certified(0.0, eps) == 0.0  # M = 0 is exact
+    s = torch.tensor([[math.nan, 1.0, 0.5]], dtype=torch.float64)
+    assert math.isnan(LR._estimate(s, torch.ones_like(s), 1, 3).item())
+    assert LR._lost(torch.tensor([math.nan]), 1e-5) == {0}
 
 
 @pytest.mark.parametrize("case", ["flexlora", "steep", "small_gap"])
@@ -578,8 +602,9 @@ def test_krylov_on_the_reconstructed_matrix(one_at_a_time, onednn, monkeypatch):
     in lockstep (CUDA) equal to that to fp32 rounding. Both GEMM paths; each
     layer within tol of its float64 truncation."""
     import fedlora.ops.delta as delta
+    from fedlora.kernels import lowrank as LR
     if not onednn:
-        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # torch.matmul's path
+        monkeypatch.setattr(LR, "_ONEDNN_LINEAR", None)  # torch.matmul's path
     alone = []
     gen = torch.Generator().manual_seed(72)
     banks, weights = [], []
@@ -777,6 +802,71 @@ def test_dense_krylov_rejects_a_product_that_overflows():
     assert all(torch.isfinite(t).all() for t in (banks[0].A, banks[0].B))
     with pytest.raises(ValueError, match=r"aggregated delta of bank 0 overflows torch.float32"):
         lowrank_svd(banks, [w, w], rank=8, method="krylov")
+
+
+def test_factored_krylov_rejects_a_product_that_overflows(monkeypatch):
+    """The factored operator never forms dW: finite factors whose products overflow float32 are
+    caught on the result, an error that says so (not NaN triplets, not a "converged" NaN)."""
+    import fedlora.ops.delta as delta
+    gen = torch.Generator().manual_seed(92)
+    bank = make_bank([8] * 6, 200, 180, gen)
+    with torch.no_grad():
+        bank.A.mul_(1e20)
+        bank.B.mul_(1e20)
+    monkeypatch.setattr(delta, "_krylov_plan", lambda R, m, n, rank, block: ("factored", 8, 176))
+    from fedlora.kernels import lowrank as LR
+    converged = []
+    real = LR.krylov_svd
+    monkeypatch.setattr(LR, "krylov_svd", lambda *a, **kw: converged.extend(real(*a, **kw).converged) or real(*a, **kw))
+    with pytest.raises(ValueError, match="lowrank_svd overflows torch.float32"):
+        lowrank_svd(bank, rank=4, method="krylov")
+    assert converged == [False]  # the overflow never passed for a converged layer
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_rejects_non_finite_scalings_by_name(bad):
+    banks, w = _dense_krylov_banks(93)
+    with torch.no_grad():
+        banks[1].scalings[2] = bad
+    with pytest.raises(ValueError, match="bank 1: scalings holds NaN or Inf"):
+        lowrank_svd(banks, [w, w], rank=8, method="auto")
+
+
+@pytest.mark.parametrize("setting", ["legacy_medium", "legacy_high", "per_backend"])
+def test_lowrank_svd_computes_in_ieee_fp32_and_restores_the_callers_matmul_precision(setting):
+    """Krylov's certificate assumes IEEE fp32 products (under TF32, M v = s u holds only to ~1e-3
+    and no estimate would see it): lowrank_svd runs in IEEE fp32 whatever the caller set, then
+    restores the caller's settings exactly; a mix of the legacy and per-backend settings (on
+    which torch.get_float32_matmul_precision raises) does not break it."""
+    from fedlora.kernels import lowrank as LR
+    switches = LR._precision_switches()
+    def state():
+        return [sw.fp32_precision for sw in switches]
+    before = state()
+    seen = []
+    real = LR.krylov_svd
+    try:
+        if setting == "per_backend":
+            if not switches:
+                pytest.skip("this torch has only the legacy global setting")
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        else:
+            torch.set_float32_matmul_precision(setting.split("_")[1])
+        callers = state()
+        LR.krylov_svd = lambda *a, **kw: seen.append(state()) or real(*a, **kw)
+        banks, w = _dense_krylov_banks(94)
+        U, S, V = lowrank_svd(banks[0], w, rank=8, method="krylov")
+        assert state() == callers
+        if setting != "per_backend":
+            assert torch.get_float32_matmul_precision() == setting.split("_")[1]
+    finally:
+        LR.krylov_svd = real
+        torch.set_float32_matmul_precision("highest")
+        for sw, value in zip(switches, before):
+            sw.fp32_precision = value
+    assert seen and all(v == "ieee" for v in seen[0])
+    s_err, t_err = truncation_errors(banks[0], U, S, V, 8, w)
+    assert s_err < AUTO_TOL and t_err < AUTO_TOL
 
 
 def test_rejects_factored_when_total_rank_reaches_min_dim():

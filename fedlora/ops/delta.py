@@ -20,6 +20,9 @@ Weights must be finite and >= 0.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from fedlora.kernels import lowrank as LR
@@ -101,9 +104,13 @@ def _check_reconstruction(M: torch.Tensor, banks: list[AdapterBank], idx: list[i
     inputs hold NaN or Inf, or else saying that their product overflows.
 
     This is also the input check of the banks behind M: in IEEE arithmetic a NaN or Inf in
-    B, A or the scalings reaches every output entry of its row or column (Inf x 0 = NaN, and
-    a sum with a NaN or Inf term is not finite), so a finite M proves finite inputs, reading
-    4 MiB where the factors are ~22 MiB per 1024^2 layer of 100 clients.
+    B or A reaches every output entry of its row or column (Inf x 0 = NaN, and a sum with a
+    NaN or Inf term is not finite), so a finite M proves finite inputs, reading 4 MiB where
+    the factors are ~22 MiB per 1024^2 layer of 100 clients. (Scalings and weights are
+    checked before.) That assumes a GEMM that multiplies every term, as MKL, oneDNN,
+    OpenBLAS, cuBLAS and torch's own fallback do; reference BLAS before 3.5 skipped terms
+    whose right operand is 0. tests/test_lowrank_svd.py checks it on the GEMM in use, also
+    where the bad entry meets only zeros.
     """
     if all_finite(M):
         return
@@ -245,6 +252,8 @@ def _check_scales_fit(banks, weights: list[list[float]]) -> None:
     limit = torch.finfo(work).max
     for i, (bank, w) in enumerate(zip(banks, weights)):
         for k, (wk, sk) in enumerate(zip(w, bank.scalings.tolist())):
+            if not math.isfinite(sk):
+                raise ValueError(f"bank {i}: scalings holds NaN or Inf")
             if not (abs(wk) <= limit and abs(wk * sk) <= limit):
                 where = f"weights[{i}][{k}]" if len(banks) > 1 else f"weights[{k}]"
                 raise ValueError(f"{where} = {wk:g} (times scaling {sk:g}) is beyond {work}'s range "
@@ -331,7 +340,7 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
         check_finite(banks)
     info["method"] = method
     work = LR.work_dtype(banks[0].dtype)
-    with torch.no_grad():
+    with torch.no_grad(), LR.ieee_fp32_matmul(), _linalg_errors_named(work):
         if method == "factored":
             U, S, V = _run_grouped(banks, w, work, lambda idx, B, A: LR.factored_svd(B, A, rank))
         elif method == "randomized":
@@ -342,7 +351,27 @@ def lowrank_svd(bank, weights=None, rank: int | None = None, method: str = "auto
         else:
             B_cat, A_cat, col_scale, layer_ranks = _packed(banks, w)
             U, S, V = LR.dense_svd(reconstruct(B_cat, A_cat, col_scale, layer_ranks, work), rank)
+    _check_result(U, S, V, work)
     return (U, S, V) if batched else (U[0], S[0], V[0])
+
+
+@contextlib.contextmanager
+def _linalg_errors_named(work: torch.dtype):
+    """A LAPACK failure on finite inputs (checked before) means products beyond ``work``'s range:
+    a ValueError that says so instead of torch's LinAlgError."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(f"lowrank_svd overflows {work}: weights x scalings x factors are too large for it "
+                         f"(float64 banks compute in float64); LAPACK said: {err}") from err
+
+
+def _check_result(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, work: torch.dtype) -> None:
+    """ValueError when the triplets are not finite: finite factors whose products overflow the
+    working dtype (the factored operator never forms dW, so nothing earlier can see it)."""
+    if not (all_finite(S) and all_finite(U) and all_finite(V)):
+        raise ValueError(f"lowrank_svd overflows {work}: weights x scalings x factors are too large for it "
+                         "(float64 banks compute in float64)")
 
 
 def _check_tol(tol) -> float:
@@ -442,7 +471,7 @@ def _lowrank_svd_dense_input(M: torch.Tensor, weights, rank, method, tol, block,
     if method == "auto":
         method = _auto_method(None, m, n, rank, block)
     info["method"] = method
-    with torch.no_grad():
+    with torch.no_grad(), LR.ieee_fp32_matmul():
         work = batch.to(LR.work_dtype(batch.dtype))
         if method == "dense":
             U, S, V = LR.dense_svd(work, rank)
