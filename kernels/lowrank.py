@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .dispatch import work_dtype  # noqa: F401  (re-exported: LR.work_dtype)
@@ -563,7 +564,7 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
         theta, Ut, est, _ = _ritz_estimate(Bd, L, k, d, b, c, torch.float64)
     done = {}
     for j, g in enumerate(active):
-        estimate = est[j].item()
+        estimate = float(est[j])
         hist = history[g]
         hist.append((d, estimate))
         if j in broken or not math.isfinite(estimate):  # NaN/Inf: an overflow; the exact method decides
@@ -576,10 +577,11 @@ def _check(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, short: int
 
 
 def _ritz_estimate(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, c: int, precision: torch.dtype):
-    """(theta [G, c] descending fp64, U~ [G, d, min(d, k)] descending, est [G], precision used):
-    the top c eigenvalues of Bm Bm^T and the top k eigenvectors from an eigh in ``precision``
-    (fp64 where an fp32 one fails), and each layer's estimate (_estimate, in fp64; the
-    residuals need only the last b rows of the top c eigenvectors)."""
+    """(theta [G, c] descending, U~ [G, d, min(d, k)] descending, est [G], precision used): the
+    top c eigenvalues of Bm Bm^T and the top k eigenvectors from an eigh in ``precision`` (fp64
+    where an fp32 one fails), and each layer's estimate. theta and est are float64 numpy arrays:
+    the residuals need only the last b rows of the top c eigenvectors, and numpy's calls on
+    these few thousand numbers cost ~1 us where torch's cost ~5 (the estimate is ~20 of them)."""
     Bp = Bd.to(precision)
     try:
         theta, Ut = torch.linalg.eigh(Bp @ Bp.transpose(-2, -1))
@@ -587,12 +589,13 @@ def _ritz_estimate(Bd: torch.Tensor, L: torch.Tensor, k: int, d: int, b: int, c:
         if precision != torch.float64:
             return _ritz_estimate(Bd, L, k, d, b, c, torch.float64)
         G = Bd.shape[0]
-        nothing = torch.full((G,), math.inf, dtype=torch.float64, device=Bd.device)
-        return (torch.zeros(G, c, dtype=torch.float64, device=Bd.device),
-                torch.zeros(G, d, min(d, k), dtype=torch.float64, device=Bd.device), nothing, precision)
-    theta = theta[:, d - c:].flip(-1).clamp_min(0).double()
-    rho = (L.to(Ut.dtype) @ Ut[:, d - b:, d - c:]).flip(-1).double().norm(dim=-2)
-    return theta, Ut[:, :, max(d - k, 0):].flip(-1), _estimate(theta.sqrt(), rho, k, d), precision
+        return (np.zeros((G, c)), torch.zeros(G, d, min(d, k), dtype=torch.float64, device=Bd.device),
+                np.full(G, math.inf), precision)
+    top = theta[:, d - c:].double().cpu().numpy()[:, ::-1]
+    last_rows = Ut[:, d - b:, d - c:].double().cpu().numpy()[:, :, ::-1]
+    rho = np.linalg.norm(L.double().cpu().numpy() @ last_rows, axis=-2)
+    top = np.maximum(top, 0.0)
+    return top, Ut[:, :, max(d - k, 0):].flip(-1), _estimate(np.sqrt(top), rho, k, d), precision
 
 
 # Probes. A check costs an eigh of the d x d matrix Bm Bm^T: in fp64, 3.3 ms at d = 224 on the
@@ -616,7 +619,7 @@ def _probe_limit(tol: float) -> float:
 PROBE_RESOLUTION = 1e3
 
 
-def _probe_inconclusive(theta: torch.Tensor, est: torch.Tensor, k: int, tol: float) -> bool:
+def _probe_inconclusive(theta: np.ndarray, est: np.ndarray, k: int, tol: float) -> bool:
     """Whether an fp32 probe must be redone in fp64: some layer's estimate is at or below
     _probe_limit (or NaN), or its k-th Ritz value is below what fp32 resolves."""
     limit = _probe_limit(tol)
@@ -624,7 +627,7 @@ def _probe_inconclusive(theta: torch.Tensor, est: torch.Tensor, k: int, tol: flo
         return True
     kk = min(k, theta.shape[-1]) - 1
     floor = PROBE_RESOLUTION * torch.finfo(torch.float32).eps * theta[:, 0]
-    return bool((theta[:, kk] <= floor).any())
+    return bool((theta[:, kk] <= floor).any())  # NaN theta: caught by its NaN estimate
 
 
 def _is_probe(history: list, still: list[int], d: int, tol: float) -> bool:
@@ -641,17 +644,23 @@ def _is_probe(history: list, still: list[int], d: int, tol: float) -> bool:
     return True
 
 
-def _estimate(s: torch.Tensor, rho: torch.Tensor, k: int, d: int) -> torch.Tensor:
+def _estimate(s: np.ndarray, rho: np.ndarray, k: int, d: int) -> np.ndarray:
     """[G] estimated relative error of the kept product from Ritz values s and residuals rho
-    ([G, c], descending, c = min(d, max(2k, k + b))); see KRYLOV_LEAK_FLOOR."""
-    tiny = torch.finfo(torch.float64).tiny
+    ([G, c] float64, descending, c = min(d, max(2k, k + b))); see KRYLOV_LEAK_FLOOR. NaN in,
+    NaN out (an overflow certifies nothing)."""
+    with np.errstate(all="ignore"):  # overflow and NaN stay in the result, as torch's would, unannounced
+        return _estimate_terms(s, rho, k, d)
+
+
+def _estimate_terms(s: np.ndarray, rho: np.ndarray, k: int, d: int) -> np.ndarray:
+    tiny = np.finfo(np.float64).tiny
     c = s.shape[-1]
-    s2 = s.square()
+    s2 = s * s
     # Out-of-space directions lie below s_c (the Ritz value at index c) once the space is past it.
-    s_c2 = s2[:, c - 1:] if d > k + 1 else torch.zeros_like(s2[:, :1])
+    s_c2 = s2[:, c - 1:] if d > k + 1 else np.zeros_like(s2[:, :1])
     need = min(k + 1, c)
-    first = torch.minimum(rho[:, :need] * (KRYLOV_LEAK_FLOOR + s_c2 / (s2[:, :need] - s_c2).clamp_min(tiny)),
-                          2 * s[:, :need])
+    first = np.minimum(rho[:, :need] * (KRYLOV_LEAK_FLOOR + s_c2 / np.maximum(s2[:, :need] - s_c2, tiny)),
+                       2 * s[:, :need])
     # Second order: kept triplet i and a Ritz triplet j in (k, c) mix through the residuals,
     # by ~ s_i rho_i s_j rho_j / ((s_i^2 - s_c^2)(s_i^2 - s_j^2)); it matters where the
     # spectrum is locally flat across k (steep power laws), and costs ~ s * angle.
@@ -659,10 +668,10 @@ def _estimate(s: torch.Tensor, rho: torch.Tensor, k: int, d: int) -> torch.Tenso
     num = sr[:, :k, None] * sr[:, None, k + 1:c]
     sk2, sj2 = s2[:, :k, None], s2[:, None, k + 1:c]
     den = (sk2 - s_c2[:, :, None]) * (sk2 - sj2)
-    angle = torch.where(num > 0, (num / den.clamp_min(tiny)).clamp_max(1.0), 0.0)
-    kept = s[:, :k].norm(dim=-1)
-    est = (first.square().sum(-1) + ((sk2 + sj2) * angle.square()).sum((-2, -1))).sqrt() / kept.clamp_min(tiny)
-    return torch.where(kept == 0, torch.zeros_like(kept), est)  # M = 0: exact (NaN stays NaN)
+    angle = np.where(num > 0, np.minimum(num / np.maximum(den, tiny), 1.0), 0.0)
+    kept = np.linalg.norm(s[:, :k], axis=-1)
+    est = np.sqrt((first * first).sum(-1) + ((sk2 + sj2) * angle * angle).sum((-2, -1))) / np.maximum(kept, tiny)
+    return np.where(kept == 0, 0.0, est)  # M = 0: exact (NaN stays NaN)
 
 
 def _certified(est: float, eps: float) -> float:
@@ -700,7 +709,7 @@ def _next_check(history: list, still: list[int], d: int, b: int, tol: float) -> 
 
 def _ritz(Qt: torch.Tensor, Pt: torch.Tensor, Bd: torch.Tensor, theta: torch.Tensor, Ut: torch.Tensor, k: int):
     """(U, S, V) of one layer from its bases (as rows) and the eigenpairs of Bm Bm^T (fp64)."""
-    s = theta[:k].sqrt()
+    s = torch.from_numpy(np.sqrt(theta[:k])).to(Bd.device)
     if s[-1] <= 1e-6 * s[0] or s[0] == 0:
         # Tiny or zero kept values: V~ = Bm^T U~ / s loses orthogonality; take the SVD of Bm.
         Us, s, Vsh = torch.linalg.svd(Bd)
