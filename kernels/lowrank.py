@@ -635,13 +635,21 @@ def _is_probe(history: list, still: list[int], d: int, tol: float) -> bool:
     fewer than two checks (no rate yet), or the geometric rate of its last two predicts an
     estimate above _probe_limit there. A rate that does not fall predicts nothing: fp64."""
     for g in still:
-        hist = history[g]
-        if len(hist) < 2:
+        if len(history[g]) < 2:
             continue
-        (d0, e0), (d1, e1) = hist[-2], hist[-1]
-        if not 0 < e1 < e0 or not e1 * (e1 / e0) ** ((d - d1) / (d1 - d0)) > _probe_limit(tol):
+        rate = _falling_rate(history[g])
+        if rate is None or not rate[1] + rate[2] * (d - rate[0]) > math.log(_probe_limit(tol)):
             return False
     return True
+
+
+def _falling_rate(hist: list[tuple[int, float]]) -> tuple[int, float, float] | None:
+    """(d1, log e1, d log e / d d) of the last two checks' geometric rate, or None where there
+    are fewer than two or the estimate did not fall (nothing can be predicted from it)."""
+    if len(hist) < 2 or not 0 < hist[-1][1] < hist[-2][1]:
+        return None
+    (d0, e0), (d1, e1) = hist[-2], hist[-1]
+    return d1, math.log(e1), math.log(e1 / e0) / (d1 - d0)
 
 
 def _estimate(s: np.ndarray, rho: np.ndarray, k: int, d: int) -> np.ndarray:
@@ -697,11 +705,11 @@ def _next_check(history: list, still: list[int], d: int, b: int, tol: float) -> 
     """
     ahead = []
     for g in still:
-        hist = history[g]
-        if len(hist) < 2 or not 0 < hist[-1][1] < hist[-2][1]:
+        rate = _falling_rate(history[g])
+        if rate is None:
             return d + b
-        (d0, e0), (d1, e1) = hist[-2], hist[-1]
-        ahead.append((d1 - d0) * math.log(tol / e1) / math.log(e1 / e0) / 2)
+        d1, log_e1, slope = rate
+        ahead.append((math.log(tol) - log_e1) / slope / 2)
     if not ahead:
         return d + b
     return d + max(b, min(round(min(ahead) / b), d // b) * b)

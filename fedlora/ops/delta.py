@@ -81,15 +81,15 @@ def _dense_stack(banks: list[AdapterBank], weights: list[list[float]], idx: list
     """dW of banks ``idx`` as [G, m, n], one GEMM per layer and no stacked factor copies.
     ``scratch`` [R, n]: where the scaled A goes (else a fresh tensor: at R x n = 2630 x 1024
     its ~10 MiB are mapped and faulted in anew every call)."""
-    first = banks[idx[0]]
-    B = first.B.detach().to(work)
-    if len(idx) == 1 and LR.onednn_gemm(B):
+    Bs = [banks[i].B.detach().to(work) for i in idx]
+    if len(idx) == 1 and LR.onednn_gemm(Bs[0]):
         # oneDNN's GEMM (AVX-512): ~13 % faster than MKL's at 1024 x 2696 x 1024; its result is
         # used as it comes (copying 4 MiB into a buffer cost another ~1 %)
-        return LR.rows_times(B, _scaled_A(first, weights[idx[0]], work, scratch).t())[None]
+        return LR.rows_times(Bs[0], _scaled_A(banks[idx[0]], weights[idx[0]], work, scratch).t())[None]
+    first = banks[idx[0]]
     out = torch.empty(len(idx), first.d_out, first.d_in, dtype=work, device=first.device)
-    for j, i in enumerate(idx):
-        torch.matmul(banks[i].B.detach().to(work), _scaled_A(banks[i], weights[i], work, scratch), out=out[j])
+    for j, (i, B) in enumerate(zip(idx, Bs)):
+        torch.matmul(B, _scaled_A(banks[i], weights[i], work, scratch), out=out[j])
     return out
 
 
@@ -116,8 +116,13 @@ def _check_reconstruction(M: torch.Tensor, banks: list[AdapterBank], idx: list[i
         return
     check_finite(banks, idx)
     bad = next(i for j, i in enumerate(idx) if not all_finite(M[j]))
-    raise ValueError(f"the aggregated delta of bank {bad} overflows {M.dtype}: weights x scalings x factors "
-                     "are too large for it (float64 banks compute in float64)")
+    raise _overflow(f"the aggregated delta of bank {bad}", M.dtype)
+
+
+def _overflow(what: str, dtype: torch.dtype, cause: str = "") -> ValueError:
+    """lowrank_svd's one error for finite inputs whose products are beyond the working dtype's range."""
+    return ValueError(f"{what} overflows {dtype}: weights x scalings x factors are too large for it "
+                      f"(float64 banks compute in float64){cause}")
 
 
 def _run_grouped(banks: list[AdapterBank], weights: list[list[float]], work: torch.dtype, fn):
@@ -362,16 +367,14 @@ def _linalg_errors_named(work: torch.dtype):
     try:
         yield
     except torch.linalg.LinAlgError as err:
-        raise ValueError(f"lowrank_svd overflows {work}: weights x scalings x factors are too large for it "
-                         f"(float64 banks compute in float64); LAPACK said: {err}") from err
+        raise _overflow("lowrank_svd", work, f"; LAPACK said: {err}") from err
 
 
 def _check_result(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, work: torch.dtype) -> None:
     """ValueError when the triplets are not finite: finite factors whose products overflow the
     working dtype (the factored operator never forms dW, so nothing earlier can see it)."""
     if not (all_finite(S) and all_finite(U) and all_finite(V)):
-        raise ValueError(f"lowrank_svd overflows {work}: weights x scalings x factors are too large for it "
-                         "(float64 banks compute in float64)")
+        raise _overflow("lowrank_svd", work)
 
 
 def _check_tol(tol) -> float:
